@@ -1,0 +1,71 @@
+"""The ``biometry`` command: a thin dispatcher over the library.
+
+Each subcommand lives in the module that implements it as ``main(argv) -> int``; this file only
+maps names to those functions, so that modules own their own arguments and help.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: subcommand -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "synth": ("biometry.phantom", "main", "generate a phantom cohort that looks like a UKB release"),
+    "fields": ("biometry.fields", "main", "list the field catalogue"),
+    "prepare": ("biometry.prepare", "main", "stations (NIfTI or UKB zips) -> fused volumes -> 2D formats"),
+    "run": ("biometry.runs", "main", "batch-execute a notebook stage per field and fold"),
+    "demo": ("biometry.demo", "main", "the whole pipeline on a phantom cohort"),
+    "figures": ("biometry.figures", "main", "regenerate a study's figures and tables"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: biometry <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {helptext}" for name, (_m, _f, helptext) in COMMANDS.items()]
+    lines += ["", "`biometry <command> --help` describes each command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from biometry import __version__
+
+        print(f"biometry {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"biometry: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _h = COMMANDS[name]
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as exc:  # pragma: no cover - a packaging error
+        print(f"biometry {name}: not available ({exc})", file=sys.stderr)
+        return 2
+    try:
+        return int(fn(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"biometry {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+class UsageError(Exception):
+    """Bad arguments or input: shown to the user as one line, exit status 2."""
+
+
+def run_guarded(fn, argv, prog: str) -> int:
+    """Call ``fn(argv)``, turning :class:`UsageError` and bad-input errors into one-line messages."""
+    try:
+        return int(fn(argv) or 0)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
