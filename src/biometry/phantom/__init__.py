@@ -1,0 +1,44 @@
+"""The phantom cohort generator: synthetic whole-body Dixon MRI cohorts that look like a UKB
+release, with their ground truth (see ``docs/phantom.md``).
+
+Public API
+----------
+generate_cohort(out_dir, n_subjects, seed, scale=1.0, workers=1, overwrite=False,
+                station_format="nifti", progress=True) -> Path
+make_subject(eid, seed, scale=1.0, stations=True) -> Subject
+fused_truth(subject) -> biometry.geometry.Volume
+sample_fields(n, seed, scale=0.15) -> (observed, truth) DataFrames, no images
+main(argv) -> int   (``biometry synth``)
+"""
+
+from biometry.phantom.anatomy import LABELS, fused_grid, station_grids
+from biometry.phantom.cohort import (
+    PHANTOM_VERSION,
+    Subject,
+    cohort_eids,
+    fused_truth,
+    make_subject,
+    sample_fields,
+    subject_seed,
+)
+from biometry.phantom.measure import atlas_slices, field_columns, mri_atlas_fields
+from biometry.phantom.writer import generate_cohort, main, write_nifti_gz
+
+__all__ = [
+    "LABELS",
+    "PHANTOM_VERSION",
+    "Subject",
+    "atlas_slices",
+    "cohort_eids",
+    "field_columns",
+    "fused_grid",
+    "fused_truth",
+    "generate_cohort",
+    "main",
+    "make_subject",
+    "mri_atlas_fields",
+    "sample_fields",
+    "station_grids",
+    "subject_seed",
+    "write_nifti_gz",
+]

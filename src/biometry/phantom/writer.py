@@ -1,0 +1,366 @@
+"""Writing a phantom cohort to disk like a UKB release, atomically per subject, in parallel.
+
+Layout of ``DIR`` (contract)::
+
+    nifti/<eid>/station_<k>_water.nii.gz, station_<k>_fat.nii.gz   k = 1..6 (LAS, int16 + scl_slope)
+    zip/<eid>_20201_2_0.zip                                          with --station-format zip|both
+    fields.csv                                                       eid + UKB showcase columns
+    truth/labels/<eid>_labels.nii.gz                                 fused-grid labels (LPS, uint8)
+    truth/parameters.csv, truth/qc.csv                               true parameters, artefacts
+    truth/subjects/<eid>.json                                        per-subject record (commit mark)
+    cohort.json                                                      seed, scale, n, version, ...
+
+A subject is written into ``DIR/.partial/`` and moved into place file by file; its record under
+``truth/subjects/`` is moved last and marks it complete. A killed run therefore leaves at worst a
+``.partial`` folder or files without a record, and a re-run regenerates those subjects. gzip
+streams carry no timestamp, so the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from biometry.cli import UsageError, run_guarded
+from biometry.io import atomic_path, write_csv, write_json
+from biometry.phantom import anatomy, cohort
+from biometry.phantom.cohort import PHANTOM_VERSION, Subject
+
+STATION_FORMATS = ("nifti", "zip", "both")
+_MANAGED = ("nifti", "zip", "truth", "fields.csv", "cohort.json", ".partial")
+GZIP_LEVEL = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# NIfTI
+
+
+def nifti_gz_bytes(array: np.ndarray, affine: np.ndarray, dtype=np.int16,
+                   descrip: str = "", level: int = GZIP_LEVEL) -> bytes:
+    """A ``.nii.gz`` file's bytes, deterministic (gzip mtime 0, no file name).
+
+    Float arrays written as ``int16`` get nibabel's scaling (``scl_slope``), as a converter does.
+    """
+    img = nib.Nifti1Image(np.asarray(array), affine)
+    hdr = img.header
+    hdr.set_data_dtype(dtype)
+    hdr.set_xyzt_units("mm", "sec")
+    hdr["descrip"] = descrip[:79].encode()
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    return gzip.compress(img.to_bytes(), compresslevel=level, mtime=0)
+
+
+def write_nifti_gz(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
+                   dtype=np.int16, descrip: str = "") -> Path:
+    """Write ``array`` as a deterministic ``.nii.gz`` at ``path``, atomically."""
+    data = nifti_gz_bytes(array, affine, dtype=dtype, descrip=descrip)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def station_path(root: str | os.PathLike, eid: str, k: int, kind: str) -> Path:
+    """``root/nifti/<eid>/station_<k>_<kind>.nii.gz`` (kind: water or fat)."""
+    return Path(root) / "nifti" / eid / f"station_{k}_{kind}.nii.gz"
+
+
+def label_path(root: str | os.PathLike, eid: str) -> Path:
+    return Path(root) / "truth" / "labels" / f"{eid}_labels.nii.gz"
+
+
+def record_path(root: str | os.PathLike, eid: str) -> Path:
+    return Path(root) / "truth" / "subjects" / f"{eid}.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# one subject
+
+
+def code_fingerprint() -> str:
+    """SHA-256 (first 16 hex digits) of the generator's source files: a resume never keeps
+    subjects that an edited generator would write differently."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cohort_key(seed: int, scale: float, station_format: str) -> dict:
+    return {"seed": int(seed), "scale": float(scale), "station_format": station_format,
+            "version": PHANTOM_VERSION, "code": code_fingerprint()}
+
+
+def write_subject(root: Path, subject: Subject, station_format: str, key: dict) -> None:
+    """Write one subject's files under ``root`` (see module docstring), record last."""
+    eid = subject.eid
+    partial = root / ".partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{eid}-", dir=partial))
+    try:
+        if station_format in ("nifti", "both"):
+            (tmp / "nifti").mkdir()
+            for st in subject.stations:
+                for kind, arr in (("water", st.water), ("fat", st.fat)):
+                    data = nifti_gz_bytes(arr, st.affine, descrip=f"phantom station {st.index} {kind}")
+                    (tmp / "nifti" / f"station_{st.index}_{kind}.nii.gz").write_bytes(data)
+        if station_format in ("zip", "both"):
+            from biometry.ingest import write_ukb_zip
+
+            write_ukb_zip(subject.stations, eid, tmp / f"{eid}_20201_2_0.zip")
+        (tmp / "labels.nii.gz").write_bytes(
+            nifti_gz_bytes(subject.labels, subject.labels_affine, dtype=np.uint8,
+                           descrip="phantom tissue labels"))
+        record = {"key": key, "eid": eid, "observed": cohort.observed_row(subject),
+                  "truth": cohort.truth_row(subject), "qc": cohort.qc_rows(subject)}
+        (tmp / "record.json").write_text(json.dumps(record, default=_jsonable, allow_nan=True))
+        # move into place; the record goes last and marks the subject complete
+        lab = label_path(root, eid)
+        lab.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / "labels.nii.gz", lab)
+        if station_format in ("zip", "both"):
+            (root / "zip").mkdir(exist_ok=True)
+            os.replace(tmp / f"{eid}_20201_2_0.zip", root / "zip" / f"{eid}_20201_2_0.zip")
+        if station_format in ("nifti", "both"):
+            dest = root / "nifti" / eid
+            dest.parent.mkdir(exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.rename(tmp / "nifti", dest)
+        rec = record_path(root, eid)
+        rec.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / "record.json", rec)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_record(root: Path, eid: str, key: dict | None = None) -> dict | None:
+    """The record of a complete subject, or None if missing, unreadable or of another cohort."""
+    try:
+        rec = json.loads(record_path(root, eid).read_text())
+    except (OSError, ValueError):
+        return None
+    if key is not None and rec.get("key") != key:
+        return None
+    fmt = rec.get("key", {}).get("station_format", "nifti")
+    files = [label_path(root, eid)]
+    if fmt in ("nifti", "both"):
+        files += [station_path(root, eid, k, kind) for k in range(1, 7) for kind in ("water", "fat")]
+    if fmt in ("zip", "both"):
+        files.append(root / "zip" / f"{eid}_20201_2_0.zip")
+    return rec if all(f.is_file() for f in files) else None
+
+
+def _generate_one(root: str, eid: str, seed: int, scale: float, station_format: str,
+                  key: dict) -> str:
+    subject = cohort.make_subject(eid, seed, scale, stations=True)
+    write_subject(Path(root), subject, station_format, key)
+    return eid
+
+
+# ---------------------------------------------------------------------------------------------
+# cohort
+
+
+def _clear(root: Path, keep_eids: set[str] | None) -> None:
+    """Remove the generator's own outputs (all, or those of eids not in ``keep_eids``)."""
+    shutil.rmtree(root / ".partial", ignore_errors=True)
+    if keep_eids is None:
+        for name in _MANAGED:
+            p = root / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        return
+    for d in (root / "nifti",):
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.name not in keep_eids:
+                    shutil.rmtree(p, ignore_errors=True)
+    for d, suffix in ((root / "truth" / "subjects", ".json"),
+                      (root / "truth" / "labels", "_labels.nii.gz"),
+                      (root / "zip", "_20201_2_0.zip")):
+        if d.is_dir():
+            for p in d.iterdir():
+                if not p.name.endswith(suffix) or p.name[: -len(suffix)] not in keep_eids:
+                    p.unlink()
+
+
+def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scale: float = 1.0,
+                    workers: int = 1, overwrite: bool = False, station_format: str = "nifti",
+                    progress: bool = True) -> Path:
+    """Generate a phantom cohort that looks like a UKB release (layout in the module docstring).
+
+    Parameters
+    ----------
+    out_dir : output folder; must be missing or empty unless ``overwrite``.
+    n_subjects : number of subjects (>= 1).
+    seed : cohort seed (>= 0); same seed, scale and format give the same bytes.
+    scale : resolution factor in (0.1, 2] (1 = UKB grid).
+    workers : processes; results do not depend on it.
+    overwrite : replace an existing cohort in ``out_dir``. When ``out_dir`` holds the same cohort
+        (seed, scale, format, generator version), its complete subjects are kept, since they would
+        be rewritten byte for byte: this resumes a killed run.
+    station_format : ``"nifti"``, ``"zip"`` (UKB bulk zips via :func:`biometry.ingest.write_ukb_zip`)
+        or ``"both"``.
+    progress : show a tqdm progress bar on stderr.
+
+    Returns
+    -------
+    ``out_dir`` as a Path.
+    """
+    root = Path(out_dir)
+    if isinstance(n_subjects, bool) or int(n_subjects) != n_subjects or n_subjects < 1:
+        raise ValueError(f"the number of subjects must be a positive integer, got {n_subjects}")
+    n_subjects = int(n_subjects)
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    scale = anatomy.check_scale(scale)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if station_format not in STATION_FORMATS:
+        raise ValueError(f"station format must be one of {', '.join(STATION_FORMATS)}, "
+                         f"got {station_format!r}")
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"output path {root} exists and is not a directory")
+    if root.is_dir() and any(root.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {root} is not empty; use --overwrite to replace "
+                              f"(or resume) a cohort there")
+    root.mkdir(parents=True, exist_ok=True)
+    key = _cohort_key(seed, scale, station_format)
+    eids = cohort.cohort_eids(n_subjects, seed)
+    try:
+        old = json.loads((root / "cohort.json").read_text())
+        same = {k: old.get(k) for k in key} == key
+    except (OSError, ValueError):
+        same = False
+    _clear(root, set(eids) if same else None)
+    meta = dict(key, n_subjects=n_subjects, complete=False, generator="biometry.phantom",
+                fused_grid=_grid_meta(anatomy.fused_grid(scale)),
+                stations=[_grid_meta(g) for g in anatomy.station_grids(scale)])
+    write_json(root / "cohort.json", meta)
+
+    todo = [(i, e) for i, e in enumerate(eids) if read_record(root, e, key) is None]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_subjects, initial=n_subjects - len(todo), desc="phantom", unit="subj",
+                   file=sys.stderr)
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for i, e in todo:
+                _generate_one(str(root), e, cohort.subject_seed(seed, i), scale, station_format, key)
+                if bar is not None:
+                    bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as ex:
+                futs = [ex.submit(_generate_one, str(root), e, cohort.subject_seed(seed, i), scale,
+                                  station_format, key) for i, e in todo]
+                for fut in as_completed(futs):
+                    fut.result()
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    _write_tables(root, eids, key)
+    shutil.rmtree(root / ".partial", ignore_errors=True)
+    meta["complete"] = True
+    write_json(root / "cohort.json", meta)
+    return root
+
+
+def _grid_meta(g: anatomy.Grid) -> dict:
+    return {"shape": list(g.shape), "spacing_mm": [round(s, 9) for s in g.spacing]}
+
+
+def _write_tables(root: Path, eids: list[str], key: dict) -> None:
+    obs, tru, qc = [], [], []
+    for e in eids:
+        rec = read_record(root, e, key)
+        if rec is None:
+            raise RuntimeError(f"subject {e}: no complete record under {root / 'truth' / 'subjects'}")
+        obs.append(rec["observed"])
+        tru.append(rec["truth"])
+        qc.extend(rec["qc"])
+    observed = cohort.tidy_observed(pd.DataFrame(obs))
+    write_csv(root / "fields.csv", observed)
+    write_csv(root / "truth" / "parameters.csv", pd.DataFrame(tru))
+    write_csv(root / "truth" / "qc.csv", pd.DataFrame(qc, columns=["eid", "flag", "detail"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    ap = _Parser(prog="biometry synth",
+                 description="Generate a phantom cohort that looks like a UKB release "
+                             "(NIfTI stations, fields.csv, ground truth).")
+    ap.add_argument("--out", required=True, help="output folder (missing or empty)")
+    ap.add_argument("--subjects", required=True, type=int, help="number of subjects")
+    ap.add_argument("--seed", required=True, type=int, help="cohort seed")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="resolution factor in (0.1, 2]; 1 = UKB grid (default 1)")
+    ap.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace (or resume) a cohort in a non-empty output folder")
+    ap.add_argument("--station-format", choices=STATION_FORMATS, default="nifti",
+                    help="write stations as NIfTI, UKB bulk zips, or both (default nifti)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def _main(argv: list[str]) -> int:
+    a = _parse(argv)
+    if a.subjects < 1:
+        raise UsageError(f"--subjects must be at least 1, got {a.subjects}")
+    if a.seed < 0:
+        raise UsageError(f"--seed must be non-negative, got {a.seed}")
+    if not (0.1 < a.scale <= 2.0) or not math.isfinite(a.scale):
+        raise UsageError(f"--scale must be in (0.1, 2], got {a.scale}")
+    if a.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {a.workers}")
+    out = Path(a.out)
+    if out.is_dir() and any(out.iterdir()) and not a.overwrite:
+        raise UsageError(f"output directory {out} is not empty; use --overwrite to replace it")
+    try:
+        generate_cohort(out, a.subjects, a.seed, scale=a.scale, workers=a.workers,
+                        overwrite=a.overwrite, station_format=a.station_format,
+                        progress=not a.no_progress)
+    except (ValueError, FileExistsError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"phantom cohort of {a.subjects} subjects written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``biometry synth``: returns 0, or 2 with a one-line message for bad arguments."""
+    return run_guarded(_main, list(sys.argv[1:] if argv is None else argv), "biometry synth")
