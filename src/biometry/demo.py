@@ -14,6 +14,7 @@ demo is started again, so an interrupted demo resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,14 +49,15 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
     if data.get("source", "phantom") != "phantom":
         raise ValueError(f"the demo runs on a phantom cohort; study {study.name!r} uses "
                          f"{data.get('source')!r} data")
+    data_workers = max(1, min(os.cpu_count() or 1, 4))  # per-subject work scales with cores
     t_start = time.perf_counter()
     _stage(RunSpec(study.name, "phantom", {
         "out_dir": str(paths.cohort), "subjects": int(data.get("subjects", 300)),
         "seed": int(data.get("seed", 0)), "scale": float(data.get("scale", 0.5)),
-        "workers": workers}), root, force)
+        "workers": data_workers}), root, force)
     _stage(RunSpec(study.name, "prepare", {
         "input_dir": str(paths.cohort), "out_dir": str(paths.prepared),
-        "formats": list(study.formats_needed), "workers": workers}), root, force)
+        "formats": [study.format], "workers": data_workers}), root, force)
 
     print(f"[demo] training {study.name}: {study.folds}-fold CV", flush=True)
     specs = study_train_specs(study, extra={"runs_root": str(root)})
@@ -66,12 +68,11 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
     for key in study.fields:
         _stage(RunSpec(study.name, "evaluate", {"study": study.name, "field": key,
                                                 "runs_root": str(root)}, field=key), root, force)
-    _stage(RunSpec(study.name, "agreement", {"study": study.name, "runs_root": str(root)}),
-           root, force)
-    if figures:
+    if figures:  # runs 04_agreement and 05_feature_space, then every figure notebook
         from biometry.figures import build_figures
 
-        build_figures(study.name, runs_root=root, force=force)
+        if build_figures(study.name, runs_root=root):
+            raise RuntimeError("some figure notebooks failed (see above)")
 
     summary = summary_table(study, root)
     out = run_dir_for(RunSpec(study.name, "summary"), root)

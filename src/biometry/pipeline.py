@@ -105,10 +105,10 @@ def check_training_inputs(study, data_dir=None, runs_root=None,
     have = set(map(str, store.eids))
     for key in keys:
         n = int(refs.loc[refs.index.isin(have), key].notna().sum())
-        if n < 2 * study.folds:
+        need = study.folds * getattr(study, "min_labelled_per_fold", 2)
+        if n < need:
             raise ValueError(f"field {key}: only {n} labelled subjects with images, too few for "
-                             f"{study.folds}-fold cross-validation (need at least "
-                             f"{2 * study.folds})")
+                             f"{study.folds}-fold cross-validation (need at least {need})")
 
 
 def train_fold(study, unit: str, fold: int, run_dir: str | Path, fields: list[str] | None = None,
@@ -131,7 +131,7 @@ def train_fold(study, unit: str, fold: int, run_dir: str | Path, fields: list[st
     config = study.training
     if iterations:
         config = replace(config, iterations=int(iterations))
-    images = store.array(study.format)
+    images = store.load(study.format)  # into memory: training indexes it at random
     return train(config, images, targets, train_idx, val_idx, Path(run_dir), eids=eids,
                  field_keys=keys, fold=fold, progress=progress)
 

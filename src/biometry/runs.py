@@ -268,7 +268,9 @@ def study_train_specs(study, fields: Sequence[str] | None = None,
     if missing:
         raise ValueError(f"study {study.name!r} does not train {', '.join(missing)}; "
                          f"its fields: {', '.join(study.fields)}")
-    folds = list(range(study.folds)) if folds is None else [int(k) for k in folds]
+    if folds is None:
+        folds = list(getattr(study, "train_folds", None) or range(study.folds))
+    folds = [int(k) for k in folds]
     bad = [k for k in folds if not 0 <= k < study.folds]
     if bad:
         raise ValueError(f"fold(s) {bad} out of range for {study.folds}-fold study {study.name!r}")
