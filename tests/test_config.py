@@ -1,0 +1,93 @@
+"""Study presets: every shipped preset loads; bad presets fail with one clear line."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from biometry import config
+from biometry.config import StudyError, load_study
+
+PRESETS = ["demo", "liver2020", "mimir2021", "scirep2020", "thigh2024"]
+
+
+def test_all_presets_load_and_are_valid():
+    assert set(PRESETS) <= set(config.available_studies())
+    for name in PRESETS:
+        s = load_study(name)
+        assert s.name == name
+        assert all(isinstance(k, str) for k in s.fields)
+        assert s.training.in_channels == config.FORMATS[s.format][0]
+
+
+def test_paper_settings():
+    sci = load_study("scirep2020")
+    assert len(sci.fields) == 64 and "22407" in sci.fields
+    assert sci.folds == 7 and not sci.multi_field and len(sci.networks()) == 64
+    t = sci.training
+    assert (t.arch, t.loss, t.optimizer, t.lr, t.batch_size) == ("resnet50", "mse", "adam", 1e-4, 32)
+    assert (t.iterations, t.lr_steps, t.translate_px) == (6000, (5000,), 16)
+    mim = load_study("mimir2021")
+    assert mim.multi_field and mim.networks() == [mim.fields] and mim.calibration
+    assert (mim.training.head, mim.training.lr, mim.training.lr_steps) == ("mean_variance", 5e-5,
+                                                                          (8000,))
+    thigh = load_study("thigh2024")
+    assert thigh.training.freeze_backbone and thigh.training.epochs == 50
+    assert thigh.train_folds == (0,) and thigh.folds == 10
+    demo = load_study("demo")
+    assert {"22407", "21002", "22405", "22402", "47"} <= set(demo.fields)
+    assert demo.data["source"] == "phantom"
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(StudyError) as err:
+        load_study("scirep2021")
+    msg = str(err.value)
+    assert "unknown study preset 'scirep2021'" in msg and "scirep2020" in msg and "demo" in msg
+    assert "\n" not in msg
+
+
+def _write(tmp_path, **changes):
+    raw = yaml.safe_load(config.STUDIES_DIR.joinpath("demo.yaml").read_text())
+    raw.update(changes)
+    path = tmp_path / "custom.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_field_keys_validated_and_coerced_to_str(tmp_path):
+    path = tmp_path / "ints.yaml"
+    text = config.STUDIES_DIR.joinpath("demo.yaml").read_text()
+    text = text.replace('fields: ["22407", "22405", "22403", "22402", "21002", "47", "23289"]',
+                        "fields: [22407, 21002, 47]")
+    path.write_text(text)
+    assert yaml.safe_load(text)["fields"] == [22407, 21002, 47]      # YAML reads ints
+    assert load_study(path).fields == ("22407", "21002", "47")
+    with pytest.raises(StudyError, match="not in the field catalogue: 99999, nonsense"):
+        load_study(_write(tmp_path, fields=["22407", 99999, "nonsense"]))
+
+
+def test_other_errors(tmp_path):
+    with pytest.raises(StudyError, match="training.in_channels=3 but format 'projection' has 2"):
+        load_study(_write(tmp_path, training={"arch": "resnet18", "in_channels": 3}))
+    with pytest.raises(StudyError, match="unknown training option"):
+        load_study(_write(tmp_path, training={"learning_rate": 1e-3}))
+    with pytest.raises(StudyError, match="unknown format 'dixon'"):
+        load_study(_write(tmp_path, format="dixon"))
+    with pytest.raises(StudyError, match="unknown key"):
+        load_study(_write(tmp_path, epochs=3))
+    with pytest.raises(StudyError, match="does not exist"):
+        load_study(tmp_path / "missing.yaml")
+
+
+def test_label_counts_and_store_format_checks():
+    demo = load_study("demo")
+    counts = dict.fromkeys(demo.fields, 100)
+    demo.check_label_counts(counts)
+    counts["22402"] = 4
+    with pytest.raises(StudyError, match=r"too few labelled subjects .*22402 \(4\)"):
+        demo.check_label_counts(counts)
+    with pytest.raises(StudyError, match="no 'projection' images"):
+        demo.check_format(["mimir"])
+    assert demo.train_config(seed=3).seed == 3
+    assert demo.to_dict()["fields"] == list(demo.fields)
