@@ -66,12 +66,12 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
         raise RuntimeError("some training runs failed (see above)")
 
     for key in study.fields:
-        _stage(RunSpec(study.name, "evaluate", {"study": study.name, "field": key,
+        _stage(RunSpec(study.name, "evaluate", {"study": str(study.path), "field": key,
                                                 "runs_root": str(root)}, field=key), root, force)
     if figures:  # runs 04_agreement and 05_feature_space, then every figure notebook
         from biometry.figures import build_figures
 
-        if build_figures(study.name, runs_root=root):
+        if build_figures(str(study.path), runs_root=root):
             raise RuntimeError("some figure notebooks failed (see above)")
 
     summary = summary_table(study, root)

@@ -22,13 +22,16 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
 BASELINE_COVARIATES = ["age", "sex", "height", "weight"]
 
 
-def study_dir(study: str, runs_root: str | Path | None = None) -> Path:
+def study_dir(study, runs_root: str | Path | None = None) -> Path:
+    """``<runs_root>/<study name>`` for a preset name, a YAML path or a Study."""
     from biometry.paths import runs_dir
+    from biometry.pipeline import _study
 
-    return (Path(runs_root) if runs_root else runs_dir()) / study
+    return (Path(runs_root) if runs_root else runs_dir()) / _study(study).name
 
 
-def study_predictions(study: str, runs_root=None) -> pd.DataFrame:
+def study_predictions(study, runs_root=None) -> pd.DataFrame:
+    """Every out-of-fold prediction of the study's training runs (long format)."""
     from biometry.results import load_predictions
 
     return load_predictions(study_dir(study, runs_root))
@@ -68,7 +71,7 @@ def evaluate_field(study, key: str, out_dir: str | Path, runs_root=None, data_di
 
     study = _study(study)
     out_dir = Path(out_dir)
-    pred = predictions if predictions is not None else study_predictions(study.name, runs_root)
+    pred = predictions if predictions is not None else study_predictions(study, runs_root)
     pred = pred[pred["field"].astype(str) == str(key)].dropna(subset=["reference", "prediction"])
     if pred.empty:
         raise ValueError(f"field {key}: no predictions in the runs of study {study.name!r}")
@@ -128,7 +131,7 @@ def agreement_tables(study, out_dir: str | Path, runs_root=None, data_dir=None) 
 
     study = _study(study)
     out_dir = Path(out_dir)
-    preds = study_predictions(study.name, runs_root)
+    preds = study_predictions(study, runs_root)
     refs = study_references(study, runs_root, data_dir)
     tables = {"table1_field_metrics": field_metrics(preds)}
     mc = method_comparison(refs)

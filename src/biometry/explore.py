@@ -22,7 +22,7 @@ class FieldExplorer:
 
         self.study = _study(study)
         self.runs_root = runs_root
-        self.predictions = evaluation.study_predictions(self.study.name, runs_root)
+        self.predictions = evaluation.study_predictions(self.study, runs_root)
         self.paths = data_paths(self.study, data_dir, runs_root)
         self._store = None
 

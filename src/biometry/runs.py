@@ -278,7 +278,9 @@ def study_train_specs(study, fields: Sequence[str] | None = None,
     specs = []
     for unit in units:
         for k in folds:
-            params = {"study": study.name, "field": unit, "fold": k, **(extra or {})}
+            # the notebook gets the study's YAML path, so user studies outside the presets work
+            params = {"study": str(getattr(study, "path", study.name)), "field": unit, "fold": k,
+                      **(extra or {})}
             if study.multi_field:
                 params["fields"] = chosen
             specs.append(RunSpec(study.name, "train", params, field=unit, fold=k))
