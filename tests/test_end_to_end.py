@@ -1,0 +1,95 @@
+"""The whole pipeline through the notebooks on a tiny phantom study (the notebook smoke tests).
+
+One module-scoped run of ``run_demo`` on a 2-fold study of a few dozen subjects with a tiny
+network: every stage notebook executes, writes its plain-file outputs, and the figures are
+byte-identical when rebuilt from the same runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from biometry.notebook_exec import execute_notebook
+from biometry.paths import notebooks_dir
+
+pytestmark = pytest.mark.slow
+
+FIELDS = ["22407", "21002", "22405", "22403", "23289"]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    study = {
+        "name": "tiny", "description": "end-to-end smoke test",
+        "data": {"source": "phantom", "subjects": 40, "seed": 3, "scale": 0.2},
+        "format": "projection", "fields": FIELDS, "multi_field": True, "folds": 2,
+        "split_seed": 0,
+        "training": {"arch": "resnet18", "input_size": [32, 32], "head": "regression",
+                     "loss": "mse", "optimizer": "adam", "lr": 1e-3, "batch_size": 8,
+                     "iterations": 4, "lr_steps": [3], "translate_px": 2, "seed": 0,
+                     "checkpoint_every": 2, "num_workers": 0},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(study))
+    from biometry.demo import run_demo
+
+    summary = run_demo(str(path), root=root / "runs", workers=1)
+    return path, root, summary
+
+
+def test_every_stage_leaves_its_outputs(tiny_study):
+    path, root, summary = tiny_study
+    runs = root / "runs" / "tiny"
+    assert (runs / "data" / "cohort" / "fields.csv").is_file()
+    assert (runs / "data" / "prepared" / "store.json").is_file()
+    splits = pd.read_csv(runs / "splits.csv", dtype={"eid": str})
+    assert set(splits["fold"]) == {0, 1}
+    for k in (0, 1):
+        run = runs / "train" / "all" / f"fold_{k}"
+        assert {"done.json", "params.yaml", "provenance.json", "02_train.ipynb",
+                "predictions.csv", "metrics.json"} <= {p.name for p in run.iterdir()}
+        pred = pd.read_csv(run / "predictions.csv", dtype={"eid": str, "field": str})
+        # out-of-fold: every prediction of this run is for a subject of this fold
+        fold_of = splits.set_index("eid")["fold"]
+        assert (fold_of.loc[pred["eid"]].to_numpy() == k).all()
+        assert set(pred["field"]) <= set(FIELDS)
+    for key in FIELDS:
+        m = json.loads((runs / "evaluate" / key / "metrics.json").read_text())
+        assert m["network"]["n"] > 0 and "r2" in m["network"]
+    assert list(summary["field"]) == FIELDS
+    assert (runs / "summary" / "summary.csv").is_file()
+
+
+def test_figures_are_reproducible(tiny_study):
+    path, root, _ = tiny_study
+    from biometry.figures import build_figures
+
+    figs = root / "figures"
+    assert build_figures(str(path), runs_root=root / "runs", figures_root=figs, progress=False) == 0
+    produced = sorted(p for p in figs.rglob("*") if p.is_file())
+    names = {p.name for p in produced}
+    for expected in ("fig03_median_field.pdf", "fig03_median_field.png", "fig02_umap.png",
+                     "table1_field_metrics.csv", "table1_field_metrics.md",
+                     "table2_dxa_mri.csv", "stable5_bilateral_symmetry.md"):
+        assert expected in names, f"{expected} missing from {sorted(names)}"
+    first = {p: p.read_bytes() for p in produced}
+    assert build_figures(str(path), runs_root=root / "runs", figures_root=figs, progress=False) == 0
+    changed = [p.name for p, data in first.items() if p.read_bytes() != data]
+    assert not changed, f"not byte-identical on re-run: {changed}"
+    sym = pd.read_csv(figs / "tiny" / "stable5_bilateral_symmetry.csv", dtype=str)
+    assert ("22405", "22403") in set(zip(sym["left"], sym["right"]))
+
+
+def test_explore_notebook_runs_headless(tiny_study):
+    path, root, _ = tiny_study
+    out = root / "explore.ipynb"
+    execute_notebook(notebooks_dir() / "explore.ipynb", out,
+                     parameters={"study": str(path), "field": "22407",
+                                 "runs_root": str(root / "runs")})
+    text = out.read_text()
+    assert "Largest errors" in text and "image/png" in text
