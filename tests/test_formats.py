@@ -241,3 +241,26 @@ def test_projection_is_orientation_invariant(tmp_path, variant):
     cw = coronal_width(vol.shape[0], vol.shape[1], ST_SPACING[1])
     col = np.argmax(out["projection"][0][:, :cw].max(axis=0))
     assert col > cw / 2
+
+
+def test_coarse_body_mask_gives_the_same_slice_positions():
+    """The formats' 4.5 mm in-plane mask puts the fat-fraction slices where the full mask does."""
+    from biometry.formats import centre_of_mass_slices
+    from biometry.geometry import Volume, lps_index_affine
+    from biometry.volumes import body_mask
+
+    x, y, z = np.meshgrid(np.arange(120), np.arange(90), np.arange(40), indexing="ij")
+    body = ((x - 55) / 45.0) ** 2 + ((y - 40) / 30.0) ** 2 < 1  # off-centre, asymmetric
+    body |= ((x - 95) / 12.0) ** 2 + ((y - 60) / 10.0) ** 2 < 1
+    rng = np.random.default_rng(0)
+    water = (body * 100.0 + rng.normal(0, 3, body.shape)).astype(np.float32)
+    fat = (body * 40.0 + rng.normal(0, 3, body.shape)).astype(np.float32)
+    spacing = (2.232, 2.232, 3.0)
+    vol = Volume(water, fat, spacing, lps_index_affine(spacing))
+    full = body_mask(vol)
+    coarse = body_mask(vol, max_inplane_mm=4.5)
+    assert coarse.shape == full.shape
+    dice = 2 * (full & coarse).sum() / (full.sum() + coarse.sum())
+    assert dice > 0.97
+    (yc_f, xs_f), (yc_c, xs_c) = centre_of_mass_slices(full), centre_of_mass_slices(coarse)
+    assert abs(yc_f - yc_c) <= 1 and abs(xs_f - xs_c) <= 1

@@ -175,11 +175,16 @@ def centre_of_mass_slices(mask: np.ndarray) -> tuple[int, int]:
     return half_mass_index(per_y), half_mass_index(per_x)
 
 
+#: in-plane resolution of the body mask used for the centre-of-mass slices and the thigh level
+MASK_INPLANE_MM = 4.5
+
+
 def _body_mask(vol: Volume, mask: np.ndarray | None) -> np.ndarray:
     if mask is None:
         from biometry.volumes import body_mask
 
-        mask = body_mask(vol)
+        # slice positions only count voxels: a 4.5 mm in-plane mask is enough and 4x cheaper
+        mask = body_mask(vol, max_inplane_mm=MASK_INPLANE_MM)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != vol.shape:
         raise ValueError(f"subject {vol.eid}: body mask {mask.shape} and volume {vol.shape} differ")

@@ -581,7 +581,7 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
 
 
 def body_mask(vol: Volume, *, min_component_fraction: float = 0.05,
-              subsample: int = 2) -> np.ndarray:
+              subsample: int = 2, max_inplane_mm: float | None = None) -> np.ndarray:
     """Body mask of a fused volume: Otsu threshold on W + F, axial hole filling, components.
 
     The original took the mean of per-coronal-plane Otsu thresholds; here one Otsu threshold is
@@ -594,11 +594,27 @@ def body_mask(vol: Volume, *, min_component_fraction: float = 0.05,
     Parameters
     ----------
     vol : fused volume (X, Y, Z).
+    max_inplane_mm : if given, the mask is computed on an in-plane grid no finer than this
+        (every k-th voxel) and repeated back to the volume's grid: about 4x faster at the UKB
+        grid with 4.5 mm, for uses that only count voxels.
 
     Returns
     -------
     (X, Y, Z) bool array.
     """
+    factor = 1
+    if max_inplane_mm:
+        factor = max(1, int(max_inplane_mm // max(vol.spacing[0], vol.spacing[1])))
+    if factor > 1:
+        # a mask on every factor-th in-plane voxel, repeated back: enough for what only counts
+        # voxels (the formats' centre-of-mass slices and thigh level) at a quarter of the cost
+        coarse = Volume(vol.water[::factor, ::factor], vol.fat[::factor, ::factor],
+                        (vol.spacing[0] * factor, vol.spacing[1] * factor, vol.spacing[2]),
+                        vol.affine, vol.eid)
+        small = body_mask(coarse, min_component_fraction=min_component_fraction,
+                          subsample=subsample)
+        full = np.repeat(np.repeat(small, factor, axis=0), factor, axis=1)
+        return full[: vol.shape[0], : vol.shape[1]]
     total = np.add(vol.water, vol.fat)
     step = max(int(subsample), 1)
     thr = _otsu(total[::step, ::step, ::step].ravel())
