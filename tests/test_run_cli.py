@@ -59,7 +59,7 @@ def test_field_not_in_catalogue(tmp_path, data_dir, capsys):
 def test_too_few_labelled_subjects(tmp_path, data_dir, capsys):
     code, err = _run(["run", "train", "--study", _study(tmp_path), "--data-dir", str(data_dir),
                       "--runs-root", str(tmp_path / "runs")], capsys)
-    assert code == 2 and "field 47" in err and "only 4 labelled" in err
+    assert code == 2 and "too few labelled" in err and "47 (4)" in err and "22407" not in err
     assert not (tmp_path / "runs" / "t" / "train").exists()
 
 

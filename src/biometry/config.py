@@ -97,13 +97,15 @@ class Study:
         """(C, H, W) of the study's format in the store."""
         return FORMATS[self.format]
 
-    def check_label_counts(self, counts: Mapping[str, int]) -> None:
+    def check_label_counts(self, counts: Mapping[str, int], keys=None) -> None:
         """Raise naming every field with too few labelled subjects for the folds.
 
-        ``counts`` maps field key -> number of subjects with a label (and an image).
+        ``counts`` maps field key -> number of subjects with a label (and an image); ``keys``
+        restricts the check to the fields about to be trained (default: all of the study).
         """
         need = self.folds * self.min_labelled_per_fold
-        low = [f"{k} ({int(counts.get(k, 0))})" for k in self.fields if int(counts.get(k, 0)) < need]
+        keys = self.fields if keys is None else [str(k) for k in keys]
+        low = [f"{k} ({int(counts.get(k, 0))})" for k in keys if int(counts.get(k, 0)) < need]
         if low:
             raise StudyError(f"{self.name}: too few labelled subjects for {self.folds} folds "
                              f"(need {need}): {', '.join(low)}")
@@ -112,7 +114,8 @@ class Study:
         """Raise if the prepared store lacks the study's format."""
         if self.format not in available:
             raise StudyError(f"{self.name}: the prepared store has no {self.format!r} images "
-                             f"(it has: {', '.join(available) or 'none'}); prepare that format first")
+                             f"(it has: {', '.join(available) or 'none'}); run `biometry prepare --formats "
+                             f"{self.format}` first")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types, for ``params.yaml`` and provenance."""

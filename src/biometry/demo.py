@@ -38,6 +38,7 @@ def _stage(spec: RunSpec, root: Path, force: bool = False) -> None:
 def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: int = 1,
              force: bool = False, figures: bool = True) -> pd.DataFrame:
     """Run every stage of ``study_name`` on its phantom cohort; return the summary table."""
+    from biometry.agreement import write_table
     from biometry.config import load_study
     from biometry.paths import runs_dir
     from biometry.pipeline import data_paths
@@ -76,8 +77,7 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
 
     summary = summary_table(study, root)
     out = run_dir_for(RunSpec(study.name, "summary"), root)
-    io.write_csv(out / "summary.csv", summary)
-    io.write_text(out / "summary.md", summary.to_markdown(index=False, floatfmt=".3f") + "\n")
+    write_table(summary, out / "summary")
     minutes = (time.perf_counter() - t_start) / 60
     io.write_json(out / "timing.json", {"minutes": round(minutes, 2), "workers": workers})
     print(f"\n[demo] cross-validated results on the phantom ({study.folds}-fold, "

@@ -19,7 +19,8 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "22436": (5.5, "liver fat > 5.5 % (NAFLD)"),
     "2443": (0.5, "diabetes"),
 }
-BASELINE_COVARIATES = ["age", "sex", "height", "weight"]
+#: a target that is itself a covariate is predicted from the other three
+_COVARIATE_OF = {"age": "age", "31": "sex", "12144": "height", "21002": "weight"}
 
 
 def study_dir(study, runs_root: str | Path | None = None) -> Path:
@@ -44,7 +45,7 @@ def baseline_predictions(study, key: str, runs_root=None, data_dir=None) -> pd.S
     """
     from biometry.pipeline import _study, data_paths
     from biometry.results import covariates_from_fields_csv, references_from_fields_csv
-    from biometry.stats import linear_baseline
+    from biometry.stats import BASELINE_COVARIATES, linear_baseline
 
     study = _study(study)
     paths = data_paths(study, data_dir, runs_root)
@@ -54,11 +55,8 @@ def baseline_predictions(study, key: str, runs_root=None, data_dir=None) -> pd.S
     cov.index = cov.index.astype(str)
     target.index = target.index.astype(str)
     common = cov.index.intersection(splits.index)
-    covariates = cov.loc[common, BASELINE_COVARIATES]
-    if key in covariates.columns or key in ("12144", "21002", "31", "age"):
-        # a covariate predicting itself is no baseline: leave it out of the fit
-        drop = {"12144": "height", "21002": "weight", "31": "sex", "age": "age"}.get(key, key)
-        covariates = covariates.drop(columns=[drop])
+    columns = [c for c in BASELINE_COVARIATES if c != _COVARIATE_OF.get(key)]
+    covariates = cov.loc[common, columns]
     return linear_baseline(covariates, target.reindex(common), splits.loc[common])
 
 

@@ -81,7 +81,7 @@ def check_training_inputs(study, data_dir=None, runs_root=None,
     """Fail fast, with one line, before any training starts.
 
     Checks: the prepared store exists and holds the study's format; the fields table exists;
-    each field has enough labelled subjects for the folds (at least 2 per fold).
+    each field has enough labelled subjects for the folds (the study's own checks).
     """
     from biometry.results import references_from_fields_csv
     from biometry.store import Store
@@ -95,20 +95,12 @@ def check_training_inputs(study, data_dir=None, runs_root=None,
     except FileNotFoundError:
         raise FileNotFoundError(f"no prepared store at {paths.prepared}: run `biometry prepare` "
                                 f"first") from None
-    if not store.has(study.format):
-        raise ValueError(f"the prepared store {paths.prepared} has no {study.format!r} images, "
-                         f"which study {study.name!r} needs: run `biometry prepare --formats "
-                         f"{study.format}`")
+    study.check_format(list(store.formats))
     keys = list(fields or study.fields)
     refs = references_from_fields_csv(paths.fields_csv, keys)
     refs.index = refs.index.astype(str)
-    have = set(map(str, store.eids))
-    for key in keys:
-        n = int(refs.loc[refs.index.isin(have), key].notna().sum())
-        need = study.folds * getattr(study, "min_labelled_per_fold", 2)
-        if n < need:
-            raise ValueError(f"field {key}: only {n} labelled subjects with images, too few for "
-                             f"{study.folds}-fold cross-validation (need at least {need})")
+    labelled = refs[refs.index.isin(set(map(str, store.eids)))].notna().sum()
+    study.check_label_counts({k: int(labelled[k]) for k in keys}, keys=keys)
 
 
 def train_fold(study, unit: str, fold: int, run_dir: str | Path, fields: list[str] | None = None,
