@@ -40,12 +40,12 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from biometry import formats
-from biometry.geometry import UKB_INPLANE, UKB_SPACING, Station, lps_index_affine
-from biometry.io import write_text
-from biometry.paths import repo_root
-from biometry.prepare import DEFAULT_FORMATS, Subject, find_subjects, prepare_subject
-from biometry.store import Store
+from biometry.config.paths import repo_root
+from biometry.data import formats
+from biometry.data.prepare import DEFAULT_FORMATS, Subject, find_subjects, prepare_subject
+from biometry.data.store import Store
+from biometry.data.types import UKB_INPLANE, UKB_SPACING, Station, lps_index_affine
+from biometry.fileio import write_text
 
 STATION_DZ = (3.0, 4.5, 4.5, 4.5, 3.5, 4.0)
 STATION_SLICES = (64, 44, 44, 44, 72, 64)
@@ -93,7 +93,7 @@ def make_cohort(root: Path, n: int, seed: int = 0) -> str:
     if generate_cohort is not None:
         generate_cohort(root, n_subjects=n, seed=seed, scale=1.0, workers=1)
         return "phantom (scale 1)"
-    from biometry.volumes import save_stations
+    from biometry.data.volumes import save_stations
 
     for i in range(n):
         save_stations(synthetic_stations(seed + i), root / "nifti" / f"{1000001 + i}",
@@ -252,7 +252,7 @@ def run(n_subjects: int, store_subjects: int, store_dir: Path) -> dict:
                 raise RuntimeError(f"benchmark subject {s.eid} failed: {qc['error']}")
             shapes = {k: list(v.shape) for k, v in arrays.items()}
         # where the time goes, on the first subject
-        from biometry.volumes import body_mask, load_subject
+        from biometry.data.volumes import body_mask, load_subject
 
         vol = load_subject(subjects[0].source)
         res["fused_shape"] = list(vol.shape)

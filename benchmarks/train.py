@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
-from biometry import training
-from biometry.config import load_study
-from biometry.models import build_model
-from biometry.training import TrainConfig
+from biometry.config.study import load_study
+from biometry.config.training import TrainConfig
+from biometry.learn import augment, devices, losses, trainer
+from biometry.learn.models import build_model
 
 
 def _sync(device: torch.device) -> None:
@@ -37,11 +37,11 @@ def measure(cfg: TrainConfig, image_shape: tuple[int, int, int], n_outputs: int,
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n_images,) + image_shape, dtype=np.uint8)
     targets = rng.normal(size=(n_images, n_outputs)).astype(np.float32)
-    ds = training._Batches(images, targets, np.arange(n_images), cfg.batch_size, cfg.seed,
+    ds = trainer.BatchDataset(images, targets, np.arange(n_images), cfg.batch_size, cfg.seed,
                            cfg.translate_px)
-    use_amp = training._auto(cfg.amp, device)
-    amp_dtype = training._amp_dtype(device)
-    channels_last = training._auto(cfg.channels_last, device)
+    use_amp = devices.auto_flag(cfg.amp, device)
+    amp_dtype = devices.amp_dtype(device)
+    channels_last = devices.auto_flag(cfg.channels_last, device)
     model = build_model(cfg.arch, image_shape[0], n_outputs, cfg.head).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -55,15 +55,15 @@ def measure(cfg: TrainConfig, image_shape: tuple[int, int, int], n_outputs: int,
         batch = ds[it]
         x = batch["images"].to(device, non_blocking=True)
         y = batch["targets"].to(device, non_blocking=True)
-        x = training.translate(x, batch["shifts"].to(device))
-        x = training.to_input(x, cfg.input_size)
+        x = augment.translate(x, batch["shifts"].to(device))
+        x = augment.to_input(x, cfg.input_size)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         _sync(device)
         t1 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             out = model(x)
-        loss = training.compute_loss(out, y, cfg.loss)
+        loss = losses.compute_loss(out, y, cfg.loss)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-resnet50", action="store_true", help="only the demo preset")
     a = ap.parse_args(argv)
-    device = training.resolve_device(a.device)
+    device = devices.resolve_device(a.device)
     sci = load_study("scirep2020").train_config(device=str(device), amp=False,
                                                 channels_last=False)
     demo = load_study("demo")

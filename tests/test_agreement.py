@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biometry import agreement, results
+from biometry import fileio
+from biometry.analysis import agreement, results
+from biometry.data import tables
 
 
 def _eids(n: int) -> pd.Index:
@@ -87,9 +89,9 @@ def test_outliers_lists_largest_errors_by_eid():
 
 def test_write_table_is_deterministic(tmp_path):
     df = pd.DataFrame({"field": ["22407", "23289"], "r2": [0.98765432, np.nan], "n": [10, 12]})
-    csv, md = agreement.write_table(df, tmp_path / "t1")
+    csv, md = fileio.write_table(df, tmp_path / "t1")
     first = (csv.read_bytes(), md.read_bytes())
-    agreement.write_table(df, tmp_path / "t1")
+    fileio.write_table(df, tmp_path / "t1")
     assert (csv.read_bytes(), md.read_bytes()) == first
     assert md.read_text().splitlines()[2] == "| 22407 | 0.9877 | 10 |"
     back = pd.read_csv(csv, dtype={"field": str})
@@ -143,14 +145,14 @@ def test_covariates_and_references_from_fields_csv(tmp_path):
                   "31-0.0": [1, 0, 1], "12144-2.0": [180.0, 165.0, np.nan],
                   "21002-2.0": [80.0, 60.0, 70.0], "23289-2.0": [1500.0, np.nan, 800.0]}
                  ).to_csv(path, index=False)
-    cov = results.covariates_from_fields_csv(path)
+    cov = tables.covariates_from_fields_csv(path)
     assert cov.index.tolist() == ["0012", "0013", "0014"]
     assert cov.columns.tolist() == ["age", "sex", "height", "weight"]
     assert cov["age"].tolist() == pytest.approx([65.0, 60.0, 60 + 17 / 365.25], abs=1e-3)
     assert np.isnan(cov.loc["0014", "height"])
-    refs = results.references_from_fields_csv(path, ["23289"])
+    refs = tables.references_from_fields_csv(path, ["23289"])
     assert refs["23289"].tolist()[0] == pytest.approx(1.5)  # cm3 -> L
 
     pd.read_csv(path).assign(**{"12144-2.0": ["180", "abc", "170"]}).to_csv(path, index=False)
     with pytest.raises(ValueError, match="non-numeric value 'abc' in column 12144-2.0 for eid 13"):
-        results.covariates_from_fields_csv(path)
+        tables.covariates_from_fields_csv(path)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from biometry import config
-from biometry.config import StudyError, load_study
+from biometry.config import study as config
+from biometry.config.study import StudyError, load_study
 
 PRESETS = ["demo", "liver2020", "mimir2021", "scirep2020", "thigh2024"]
 
@@ -17,7 +17,7 @@ def test_all_presets_load_and_are_valid():
         s = load_study(name)
         assert s.name == name
         assert all(isinstance(k, str) for k in s.fields)
-        assert s.training.in_channels == config.FORMATS[s.format][0]
+        assert s.training.in_channels == config.format_shape(s.format)[0]
 
 
 def test_paper_settings():

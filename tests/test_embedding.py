@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biometry import embedding
+from biometry.analysis import embedding
 
 
 def _table(n: int = 200, seed: int = 0) -> pd.DataFrame:

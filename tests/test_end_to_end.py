@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from biometry.notebook_exec import execute_notebook
-from biometry.paths import notebooks_dir
+from biometry.config.paths import notebooks_dir
+from biometry.runs.notebook import execute_notebook
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def tiny_study(tmp_path_factory):
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(study))
-    from biometry.demo import run_demo
+    from biometry.runs.demo import run_demo
 
     summary = run_demo(str(path), root=root / "runs", workers=1)
     return path, root, summary
@@ -67,7 +67,7 @@ def test_every_stage_leaves_its_outputs(tiny_study):
 
 def test_figures_are_reproducible(tiny_study):
     path, root, _ = tiny_study
-    from biometry.figures import build_figures
+    from biometry.runs.figures import build_figures
 
     figs = root / "figures"
     assert build_figures(str(path), runs_root=root / "runs", figures_root=figs, progress=False) == 0

@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from biometry import fields
 from biometry.cli import main as cli_main
+from biometry.config import fields
 
 
 def test_catalogue_holds_both_target_lists():

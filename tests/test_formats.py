@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from biometry import formats
-from biometry.geometry import UKB_SPACING, Station, Volume, lps_index_affine
+from biometry.data import formats
+from biometry.data.types import UKB_SPACING, Station, Volume, lps_index_affine
 
 # A coarse grid (3x the UKB voxel size): bed crop = round(49.1 / 6.70) = 7 voxels.
 SPACING = tuple(3 * s for s in UKB_SPACING)
@@ -176,9 +176,9 @@ def test_thigh_slices_find_mid_thigh():
 
 
 # ---------------------------------------------------------------------------------------------
-# the same anatomy in different NIfTI orientations (needs biometry.volumes)
+# the same anatomy in different NIfTI orientations (needs biometry.data.volumes)
 
-HAS_VOLUMES = importlib.util.find_spec("biometry.volumes") is not None
+HAS_VOLUMES = importlib.util.find_spec("biometry.data.volumes") is not None
 ST_SPACING = (8.0, 8.0, 8.0)
 
 
@@ -213,10 +213,10 @@ def _reoriented(st: Station, perm: tuple[int, int, int], flips: tuple[bool, bool
                    np.ascontiguousarray(f.transpose(perm)), aff)
 
 
-@pytest.mark.skipif(not HAS_VOLUMES, reason="biometry.volumes not available yet")
+@pytest.mark.skipif(not HAS_VOLUMES, reason="biometry.data.volumes not available yet")
 @pytest.mark.parametrize("variant", ["RAS", "LPS", "permuted", "int16-scl_slope"])
 def test_projection_is_orientation_invariant(tmp_path, variant):
-    from biometry.volumes import body_mask, load_subject, save_stations
+    from biometry.data.volumes import body_mask, load_subject, save_stations
 
     base = _stations()
     save_stations(base, tmp_path / "ref")
@@ -245,9 +245,9 @@ def test_projection_is_orientation_invariant(tmp_path, variant):
 
 def test_coarse_body_mask_gives_the_same_slice_positions():
     """The formats' 4.5 mm in-plane mask puts the fat-fraction slices where the full mask does."""
-    from biometry.formats import centre_of_mass_slices
-    from biometry.geometry import Volume, lps_index_affine
-    from biometry.volumes import body_mask
+    from biometry.data.formats import centre_of_mass_slices
+    from biometry.data.types import Volume, lps_index_affine
+    from biometry.data.volumes import body_mask
 
     x, y, z = np.meshgrid(np.arange(120), np.arange(90), np.arange(40), indexing="ij")
     body = ((x - 55) / 45.0) ** 2 + ((y - 40) / 30.0) ** 2 < 1  # off-centre, asymmetric

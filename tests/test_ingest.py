@@ -10,9 +10,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from biometry.geometry import Station
-from biometry.ingest import InputError, eid_from_zip, read_ukb_zip, write_ukb_zip, zip_to_nifti
-from biometry.volumes import fuse, load_subject, save_stations
+from biometry.data.ingest import InputError, eid_from_zip, read_ukb_zip, write_ukb_zip, zip_to_nifti
+from biometry.data.types import Station
+from biometry.data.volumes import fuse, load_subject, save_stations
 from test_volumes import SPACING, make_stations, reorient
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from biometry import models
+from biometry.learn import models
 
 torch.set_num_threads(1)
 

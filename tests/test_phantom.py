@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from biometry import fields
-from biometry.geometry import Station, Volume
+from biometry.config import fields
+from biometry.data.types import Station, Volume
 from biometry.phantom import (
     LABELS,
     fused_grid,

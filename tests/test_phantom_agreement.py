@@ -7,9 +7,9 @@ is about 0.3 of MRI VAT, strongly correlated; and it makes the dedicated liver-f
 
 import pytest
 
-from biometry.agreement import method_comparison
+from biometry.analysis.agreement import method_comparison
+from biometry.data.tables import references_from_fields_csv
 from biometry.phantom import sample_fields
-from biometry.results import references_from_fields_csv
 
 
 @pytest.fixture(scope="module")

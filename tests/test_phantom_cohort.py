@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biometry import fields
-from biometry.notebook_exec import execute_notebook
-from biometry.paths import notebooks_dir
+from biometry.config import fields
+from biometry.config.paths import notebooks_dir
 from biometry.phantom import LABELS, cohort_eids, field_columns, generate_cohort, writer
 from biometry.phantom import main as synth_main
+from biometry.runs.notebook import execute_notebook
 
 SEED, SCALE, N = 7, 0.2, 3
 

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biometry import plots, stats
+from biometry.analysis import stats
+from biometry.report import plots
 
 
 def _pair(n: int = 80, seed: int = 0):

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biometry import prepare as prep
-from biometry.geometry import Station, lps_index_affine
-from biometry.store import Store
+from biometry.data import prepare as prep
+from biometry.data.store import Store
+from biometry.data.types import Station, lps_index_affine
 
-pytest.importorskip("biometry.volumes")
+pytest.importorskip("biometry.data.volumes")
 
 SPACING = (8.0, 8.0, 8.0)
 SPACING_ARGS = ["--spacing", "8", "8", "8"]
@@ -37,7 +37,7 @@ def stations(seed: int) -> list[Station]:
 
 
 def write_subject(root: Path, eid: str, seed: int) -> Path:
-    from biometry.volumes import save_stations
+    from biometry.data.volumes import save_stations
 
     return save_stations(stations(seed), root / eid)
 
@@ -45,7 +45,7 @@ def write_subject(root: Path, eid: str, seed: int) -> Path:
 @pytest.fixture
 def cohort(tmp_path) -> Path:
     """Three good subjects and three bad ones (truncated file, missing station, NaNs)."""
-    from biometry.volumes import save_nifti, station_path
+    from biometry.data.volumes import save_nifti, station_path
 
     root = tmp_path / "in"
     for k, eid in enumerate(["1000001", "1000002", "1000003"]):
@@ -104,8 +104,8 @@ def test_rerun_skips_done_subjects_and_appends_new_ones(cohort, tmp_path):
 
 
 def test_same_result_as_direct_computation(cohort, tmp_path):
-    from biometry import formats
-    from biometry.volumes import load_subject
+    from biometry.data import formats
+    from biometry.data.volumes import load_subject
 
     out = tmp_path / "store"
     prep.prepare(cohort, out, formats=["projection", "mimir"], progress=False, spacing=SPACING)
@@ -162,8 +162,8 @@ def test_dask_local_cluster_gives_the_same_store(cohort, tmp_path):
 
 @pytest.mark.slow
 def test_notebook_runs_on_a_tiny_input(cohort, tmp_path):
-    from biometry.notebook_exec import execute_notebook
-    from biometry.paths import notebooks_dir
+    from biometry.config.paths import notebooks_dir
+    from biometry.runs.notebook import execute_notebook
 
     out = tmp_path / "store"
     execute_notebook(notebooks_dir() / "01_prepare.ipynb", tmp_path / "run" / "01_prepare.ipynb",
@@ -180,9 +180,9 @@ def test_ukb_zips_are_prepared_like_nifti(tmp_path):
     water series gets a QC row naming it."""
     import zipfile
 
-    ingest = pytest.importorskip("biometry.ingest")
-    from biometry import formats
-    from biometry.volumes import fuse
+    ingest = pytest.importorskip("biometry.data.ingest")
+    from biometry.data import formats
+    from biometry.data.volumes import fuse
 
     zips = tmp_path / "zips"
     ingest.write_ukb_zip(stations(0), "3000001", zips, add_noise_series=True)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from biometry.cli import main as cli
-from biometry.store import Store
+from biometry.data.store import Store
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ import json
 import pytest
 import yaml
 
-from biometry import runs
-from biometry.runs import RunSpec
+from biometry.runs import batch
+from biometry.runs.runner import RunSpec, run_dir_for
 
 
 def _spec(nb, value, fail=False, fold=0):
@@ -14,16 +14,16 @@ def _spec(nb, value, fail=False, fold=0):
 
 def test_run_folder_is_named_from_parameters(tmp_path):
     spec = RunSpec("scirep2020", "train", field="22407", fold=3)
-    assert runs.run_dir_for(spec, tmp_path) == tmp_path / "scirep2020/train/22407/fold_3"
-    assert runs.run_dir_for(RunSpec("demo", "agreement"), tmp_path) == tmp_path / "demo/agreement"
+    assert run_dir_for(spec, tmp_path) == tmp_path / "scirep2020/train/22407/fold_3"
+    assert run_dir_for(RunSpec("demo", "agreement"), tmp_path) == tmp_path / "demo/agreement"
 
 
 def test_batch_survives_a_failure_and_resumes(tmp_path, tiny_notebook, capsys):
     root = tmp_path / "runs"
     specs = [_spec(tiny_notebook, "22407"), _spec(tiny_notebook, "47", fail=True)]
-    results = runs.run_batch(specs, root=root, progress=False)
+    results = batch.run_batch(specs, root=root, progress=False)
     assert [r.status for r in results] == ["done", "failed"]
-    ok_dir = runs.run_dir_for(specs[0], root)
+    ok_dir = run_dir_for(specs[0], root)
     # field ids stay strings through papermill
     assert (ok_dir / "out.txt").read_text() == "22407:str"
     params = yaml.safe_load((ok_dir / "params.yaml").read_text())
@@ -32,11 +32,11 @@ def test_batch_survives_a_failure_and_resumes(tmp_path, tiny_notebook, capsys):
     assert {"git_commit", "packages", "host", "device"} <= prov.keys()
     failed = results[1]
     assert "asked to fail with 47" in failed.error and failed.notebook.is_file()
-    assert runs.report(results) == 1
+    assert batch.report(results) == 1
     out = capsys.readouterr().out
     assert "1 failed" in out and str(failed.notebook) in out
     # second pass: the finished run is skipped, only the failed one runs again
-    again = runs.run_batch(specs, root=root, progress=False)
+    again = batch.run_batch(specs, root=root, progress=False)
     assert [r.status for r in again] == ["skipped", "failed"]
 
 
@@ -45,28 +45,28 @@ def test_train_specs_validate_fields_and_folds():
         name, folds, multi_field, network_name = "x", 3, False, "all"
         fields = ("22407", "21002")
 
-    specs = runs.study_train_specs(Study, fields=["22407"], folds=[0, 2])
+    specs = batch.study_train_specs(Study, fields=["22407"], folds=[0, 2])
     assert [(s.field, s.fold) for s in specs] == [("22407", 0), ("22407", 2)]
     with pytest.raises(ValueError, match="out of range"):
-        runs.study_train_specs(Study, folds=[5])
+        batch.study_train_specs(Study, folds=[5])
     with pytest.raises(KeyError, match="99999"):
-        runs.study_train_specs(Study, fields=["99999"])
+        batch.study_train_specs(Study, fields=["99999"])
     with pytest.raises(ValueError, match="does not train 47"):
-        runs.study_train_specs(Study, fields=["47"])
+        batch.study_train_specs(Study, fields=["47"])
 
 
 @pytest.mark.slow
 def test_batch_on_a_local_dask_cluster(tmp_path, tiny_notebook):
     root = tmp_path / "runs"
     specs = [_spec(tiny_notebook, "22407"), _spec(tiny_notebook, "47", fail=True)]
-    results = runs.run_batch(specs, root=root, workers=2, progress=False)
+    results = batch.run_batch(specs, root=root, workers=2, progress=False)
     assert [r.status for r in results] == ["done", "failed"]
-    assert (runs.run_dir_for(specs[0], root) / "out.txt").read_text() == "22407:str"
+    assert (run_dir_for(specs[0], root) / "out.txt").read_text() == "22407:str"
 
 
 def test_jobqueue_cluster_from_study_settings():
     pytest.importorskip("dask_jobqueue")
-    cluster = runs.make_jobqueue_cluster({
+    cluster = batch.make_jobqueue_cluster({
         "kind": "slurm", "cores": 8, "memory": "64GB", "walltime": "24:00:00", "queue": "gpu",
         "job_extra_directives": ["--gres=gpu:1"], "jobs": 2})
     try:
@@ -75,4 +75,4 @@ def test_jobqueue_cluster_from_study_settings():
         cluster.close()
     assert "#SBATCH -p gpu" in script and "--gres=gpu:1" in script and "24:00:00" in script
     with pytest.raises(ValueError, match="unknown jobqueue kind"):
-        runs.make_jobqueue_cluster({"kind": "mainframe"})
+        batch.make_jobqueue_cluster({"kind": "mainframe"})

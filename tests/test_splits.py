@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biometry import splits
+from biometry.learn import splits
 
 
 def _eids(n: int) -> list[str]:

@@ -8,7 +8,7 @@ import pingouin as pg
 import pytest
 from sklearn import metrics
 
-from biometry import stats
+from biometry.analysis import stats
 
 # Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges.
 SHROUT_FLEISS = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8],

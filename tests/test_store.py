@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from biometry import store as store_mod
-from biometry.store import PartedArray, Store
+from biometry.data import store as store_mod
+from biometry.data.store import PartedArray, Store
 
 FORMATS = {"a": ((2, 4, 5), "uint8"), "b": ((1, 3, 3), "uint8")}
 

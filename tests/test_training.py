@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from biometry import training
-from biometry.training import TrainConfig
+from biometry.config.training import TrainConfig
+from biometry.learn import augment, bundle, losses, trainer
 
 torch.set_num_threads(1)
 
@@ -38,7 +38,7 @@ def test_translate_replicates_edges_like_scipy_nearest():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (3, 2, 9, 11), dtype=np.uint8)
     shifts = np.array([[2, -3], [-4, 1], [0, 0]])
-    out = training.translate(torch.from_numpy(x), torch.from_numpy(shifts)).numpy()
+    out = augment.translate(torch.from_numpy(x), torch.from_numpy(shifts)).numpy()
     for b in range(3):
         ref = ndimage.shift(x[b], (0, *shifts[b]), order=0, mode="nearest")
         np.testing.assert_array_equal(out[b], ref)
@@ -48,24 +48,24 @@ def test_translate_replicates_edges_like_scipy_nearest():
 
 
 def test_shifts_differ_across_samples_and_iterations_and_reproduce():
-    a = training.batch_shifts(32, iteration=0, seed=7, translate_px=16)
-    b = training.batch_shifts(32, iteration=1, seed=7, translate_px=16)
+    a = augment.batch_shifts(32, iteration=0, seed=7, translate_px=16)
+    b = augment.batch_shifts(32, iteration=1, seed=7, translate_px=16)
     assert len({tuple(s) for s in a}) > 20            # per sample, not one shift per batch
     assert not np.array_equal(a, b)
-    assert np.array_equal(a, training.batch_shifts(32, 0, 7, 16))
-    assert not np.array_equal(a, training.batch_shifts(32, 0, 8, 16))
+    assert np.array_equal(a, augment.batch_shifts(32, 0, 7, 16))
+    assert not np.array_equal(a, augment.batch_shifts(32, 0, 8, 16))
     assert a.min() >= -16 and a.max() <= 16
 
 
 def test_augmentation_differs_across_workers_and_is_reproducible():
     imgs, targets, _ = _brightness_data(20, size=8)
-    ds = training._Batches(imgs, targets.astype(np.float32), np.arange(20), 4, seed=3,
+    ds = trainer.BatchDataset(imgs, targets.astype(np.float32), np.arange(20), 4, seed=3,
                            translate_px=16)
 
     def collect(workers: int):
         loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(6),
                                              num_workers=workers,
-                                             worker_init_fn=training._worker_init)
+                                             worker_init_fn=trainer.seed_worker)
         got = {int(b["iteration"]): b["shifts"].numpy() for b in loader}
         return [got[i] for i in range(6)]
 
@@ -78,7 +78,7 @@ def test_augmentation_differs_across_workers_and_is_reproducible():
 
 
 def test_every_epoch_visits_each_subject_once():
-    pos = np.concatenate([training.batch_positions(10, 4, i, seed=0) for i in range(5)])
+    pos = np.concatenate([augment.batch_positions(10, 4, i, seed=0) for i in range(5)])
     assert sorted(pos[:10]) == list(range(10)) and sorted(pos[10:20]) == list(range(10))
     assert not np.array_equal(pos[:10], pos[10:20])    # a fresh permutation per epoch
 
@@ -88,7 +88,7 @@ def test_every_epoch_visits_each_subject_once():
 def test_masked_mse_ignores_nan_labels():
     pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
     target = torch.tensor([[0.0, float("nan")], [1.0, float("nan")]])
-    loss = training.masked_mse(pred, target)
+    loss = losses.masked_mse(pred, target)
     assert loss.item() == pytest.approx((1 + 4) / 2)   # mean over the 2 present labels
     loss.backward()
     assert pred.grad[:, 1].abs().sum() == 0
@@ -99,7 +99,7 @@ def test_masked_gaussian_nll_mean_over_present_labels_only():
     mean = torch.tensor([[0.0, 5.0, 1.0]], requires_grad=True)
     logvar = torch.tensor([[0.0, 3.0, np.log(4.0)]], requires_grad=True)
     target = torch.tensor([[2.0, float("nan"), 3.0]])
-    loss = training.masked_gaussian_nll(mean, logvar, target)
+    loss = losses.masked_gaussian_nll(mean, logvar, target)
     expect = 0.5 * ((0 + 4) + (np.log(4) + 4 / 4)) / 2
     assert loss.item() == pytest.approx(expect, rel=1e-6)
     loss.backward()
@@ -107,7 +107,7 @@ def test_masked_gaussian_nll_mean_over_present_labels_only():
     # the original averaged over all B*T entries, masked zeros included: 2/3 of this
     assert loss.item() != pytest.approx(expect * 2 / 3)
     out = torch.stack([mean, logvar], dim=-1).reshape(1, 6)
-    assert training.compute_loss(out, target, "gaussian_nll").item() == pytest.approx(expect)
+    assert losses.compute_loss(out, target, "gaussian_nll").item() == pytest.approx(expect)
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_lr_schedule_fires_at_the_configured_iterations(tmp_path):
     imgs, targets, eids = _brightness_data(24)
     seen = []
     cfg = _tiny(iterations=7, lr=1e-2, lr_steps=(3, 5), batch_size=4, num_workers=2)
-    res = training.train(cfg, imgs, targets[:, :1], np.arange(16), np.arange(16, 24), tmp_path,
+    res = trainer.train(cfg, imgs, targets[:, :1], np.arange(16), np.arange(16, 24), tmp_path,
                          eids, ["21002"], progress=False,
                          callback=lambda it, loss, lr: seen.append((it, lr)))
     np.testing.assert_allclose(res.lr_history, [1e-2] * 3 + [1e-3] * 2 + [1e-4] * 2)
@@ -129,7 +129,7 @@ def test_exact_resume_gives_identical_weights(tmp_path):
     imgs, targets, eids = _brightness_data(32)
     cfg = _tiny(iterations=6, checkpoint_every=3, lr_steps=(4,))
     args = (imgs, targets, np.arange(24), np.arange(24, 32))
-    straight = training.train(cfg, *args, tmp_path / "straight", eids, ["21002", "47"],
+    straight = trainer.train(cfg, *args, tmp_path / "straight", eids, ["21002", "47"],
                               progress=False)
 
     class Crash(Exception):
@@ -140,11 +140,11 @@ def test_exact_resume_gives_identical_weights(tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        training.train(cfg, *args, tmp_path / "resumed", eids, ["21002", "47"], progress=False,
+        trainer.train(cfg, *args, tmp_path / "resumed", eids, ["21002", "47"], progress=False,
                        callback=crash_at_3)
     assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
     assert not (tmp_path / "resumed" / "model.pt").exists()
-    resumed = training.train(cfg, *args, tmp_path / "resumed", eids, ["21002", "47"],
+    resumed = trainer.train(cfg, *args, tmp_path / "resumed", eids, ["21002", "47"],
                              progress=False)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
@@ -154,15 +154,15 @@ def test_exact_resume_gives_identical_weights(tmp_path):
     assert resumed.lr_history == straight.lr_history
     assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
     # a finished run is not trained again
-    again = training.train(cfg, *args, tmp_path / "resumed", eids, ["21002", "47"],
+    again = trainer.train(cfg, *args, tmp_path / "resumed", eids, ["21002", "47"],
                            progress=False)
     assert again.skipped and again.metrics == resumed.metrics
     # a checkpoint of another configuration is refused
     with pytest.raises(Crash):
-        training.train(cfg, *args, tmp_path / "other", eids, ["21002", "47"], progress=False,
+        trainer.train(cfg, *args, tmp_path / "other", eids, ["21002", "47"], progress=False,
                        callback=crash_at_3)
     with pytest.raises(ValueError, match="different configuration"):
-        training.train(_tiny(iterations=6, checkpoint_every=3, lr=5e-4), *args,
+        trainer.train(_tiny(iterations=6, checkpoint_every=3, lr=5e-4), *args,
                        tmp_path / "other", eids, ["21002", "47"], progress=False)
 
 
@@ -171,7 +171,7 @@ def test_tiny_training_learns_brightness_and_writes_outputs(tmp_path):
     imgs, targets, eids = _brightness_data(96)
     targets[::3, 1] = np.nan                       # a second field with gaps
     cfg = _tiny(iterations=40, batch_size=16, lr=3e-3, lr_steps=(30,))
-    res = training.train(cfg, imgs, targets, np.arange(64), np.arange(64, 96), tmp_path, eids,
+    res = trainer.train(cfg, imgs, targets, np.arange(64), np.arange(64, 96), tmp_path, eids,
                          ["21002", "47"], progress=False, fold=2)
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["per_field"]["21002"]["r2"] > 0.8
@@ -184,22 +184,22 @@ def test_tiny_training_learns_brightness_and_writes_outputs(tmp_path):
     np.testing.assert_allclose(v["reference"], targets[64:, 0])   # in target units
     assert v["eid"].tolist() == eids[64:]
     # predict() from the run folder reproduces the out-of-fold predictions
-    again = training.predict(tmp_path, imgs[64:], batch_size=7, device="cpu")
+    again = bundle.predict(tmp_path, imgs[64:], batch_size=7, device="cpu")
     np.testing.assert_allclose(again[:, 0], v["prediction"], rtol=1e-5, atol=1e-4)
-    bundle = training.load_model(tmp_path)
+    loaded = bundle.load_model(tmp_path)
     y = targets[:64, 1]
-    assert bundle.std[1] == pytest.approx(np.nanstd(y[~np.isnan(y)], ddof=1))
+    assert loaded.std[1] == pytest.approx(np.nanstd(y[~np.isnan(y)], ddof=1))
     assert res.metrics["final_loss"] < res.loss_history[0]
 
 
 def test_mean_variance_and_classification_heads(tmp_path):
     imgs, targets, eids = _brightness_data(32)
     targets[:5, 0] = np.nan
-    mv = training.train(_tiny(head="mean_variance", loss="gaussian_nll", iterations=3), imgs,
+    mv = trainer.train(_tiny(head="mean_variance", loss="gaussian_nll", iterations=3), imgs,
                         targets, np.arange(24), np.arange(24, 32), tmp_path / "mv", eids,
                         ["21002", "47"], progress=False)
     assert (mv.predictions["variance"] > 0).all() and len(mv.predictions) == 16
-    cl = training.train(_tiny(head="classification", loss="cross_entropy", iterations=3,
+    cl = trainer.train(_tiny(head="classification", loss="cross_entropy", iterations=3,
                               freeze_backbone=True, optimizer="sgd"),
                         imgs, targets[:, :1], np.arange(5, 24), np.arange(24, 32),
                         tmp_path / "cl", eids, ["21002"], progress=False)
@@ -213,16 +213,16 @@ def test_mean_variance_and_classification_heads(tmp_path):
 def test_bad_input_is_named(tmp_path):
     imgs, targets, eids = _brightness_data(20)
     with pytest.raises(ValueError, match="2 channels but the config expects in_channels=1"):
-        training.train(_tiny(), np.repeat(imgs, 2, axis=1), targets[:, :1], np.arange(10),
+        trainer.train(_tiny(), np.repeat(imgs, 2, axis=1), targets[:, :1], np.arange(10),
                        np.arange(10, 20), tmp_path, eids, ["21002"], progress=False)
     few = targets[:, :1].copy()
     few[1:10] = np.nan
     with pytest.raises(ValueError, match=r"too few labelled training subjects for field\(s\): "
                                          r"21002 \(1 labelled\)"):
-        training.train(_tiny(), imgs, few, np.arange(10), np.arange(10, 20), tmp_path, eids,
+        trainer.train(_tiny(), imgs, few, np.arange(10), np.arange(10, 20), tmp_path, eids,
                        ["21002"], progress=False)
     with pytest.raises(ValueError, match="in both train_idx and val_idx"):
-        training.train(_tiny(), imgs, targets[:, :1], np.arange(12), np.arange(10, 20),
+        trainer.train(_tiny(), imgs, targets[:, :1], np.arange(12), np.arange(10, 20),
                        tmp_path, eids, ["21002"], progress=False)
     with pytest.raises(ValueError, match="does not fit head"):
         _tiny(head="mean_variance")
@@ -232,7 +232,7 @@ def test_bad_input_is_named(tmp_path):
 
 def test_input_resize_and_epochs():
     x = torch.full((2, 3, 32, 32), 255, dtype=torch.uint8)
-    out = training.to_input(x, (16, 16))
+    out = augment.to_input(x, (16, 16))
     assert out.shape == (2, 3, 16, 16) and torch.allclose(out, torch.ones_like(out))
     assert TrainConfig(iterations=0, epochs=2, batch_size=8).resolve_iterations(20) == 5
     assert TrainConfig(input_size=96).input_size == (96, 96)

@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from biometry.geometry import Station, Volume, lps_index_affine
-from biometry.volumes import (
+from biometry.data.types import Station, Volume, lps_index_affine
+from biometry.data.volumes import (
     InputError,
     body_mask,
     fuse,

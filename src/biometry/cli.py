@@ -9,14 +9,16 @@ from __future__ import annotations
 import importlib
 import sys
 
+from biometry import __version__
+
 #: subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "synth": ("biometry.phantom", "main", "generate a phantom cohort that looks like a UKB release"),
-    "fields": ("biometry.fields", "main", "list the field catalogue"),
-    "prepare": ("biometry.prepare", "main", "stations (NIfTI or UKB zips) -> fused volumes -> 2D formats"),
-    "run": ("biometry.runs", "main", "batch-execute a notebook stage per field and fold"),
-    "demo": ("biometry.demo", "main", "the whole pipeline on a phantom cohort"),
-    "figures": ("biometry.figures", "main", "regenerate a study's figures and tables"),
+    "fields": ("biometry.config.fields", "main", "list the field catalogue"),
+    "prepare": ("biometry.data.prepare", "main", "stations (NIfTI or UKB zips) -> fused volumes -> 2D formats"),
+    "run": ("biometry.runs.batch", "main", "batch-execute a notebook stage per field and fold"),
+    "demo": ("biometry.runs.demo", "main", "the whole pipeline on a phantom cohort"),
+    "figures": ("biometry.runs.figures", "main", "regenerate a study's figures and tables"),
 }
 
 
@@ -33,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from biometry import __version__
-
         print(f"biometry {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
@@ -52,19 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"biometry {name}: interrupted", file=sys.stderr)
         return 130
-
-
-class UsageError(Exception):
-    """Bad arguments or input: shown to the user as one line, exit status 2."""
-
-
-def run_guarded(fn, argv, prog: str) -> int:
-    """Call ``fn(argv)``, turning :class:`UsageError` and bad-input errors into one-line messages."""
-    try:
-        return int(fn(argv) or 0)
-    except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,12 +1,13 @@
 """The phantom cohort generator: synthetic whole-body Dixon MRI cohorts that look like a UKB
-release, with their ground truth (see ``docs/phantom.md``).
+release, with their ground truth (see ``docs/phantom.md``). May import ``config`` and ``data``
+(it writes UKB-style zips with ``data.ingest``); never ``learn``, ``analysis``, ``runs`` or ``cli``.
 
 Public API
 ----------
 generate_cohort(out_dir, n_subjects, seed, scale=1.0, workers=1, overwrite=False,
                 station_format="nifti", progress=True) -> Path
 make_subject(eid, seed, scale=1.0, stations=True) -> Subject
-fused_truth(subject) -> biometry.geometry.Volume
+fused_truth(subject) -> biometry.data.types.Volume
 sample_fields(n, seed, scale=0.15) -> (observed, truth) DataFrames, no images
 main(argv) -> int   (``biometry synth``)
 """

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from biometry.geometry import UKB_INPLANE, UKB_SPACING
+from biometry.data.types import UKB_INPLANE, UKB_SPACING
 
 # ---------------------------------------------------------------------------------------------
 # labels

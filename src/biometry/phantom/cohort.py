@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from biometry.geometry import Station, Volume
+from biometry.data.types import Station, Volume
 from biometry.phantom import anatomy, measure, signal
 from biometry.phantom.anatomy import FOV_HEIGHT_MM, Grid
 
@@ -32,7 +32,7 @@ class Subject:
     ----------
     eid : 7-digit subject id.
     scale : resolution factor (1 = UKB grid).
-    stations : six :class:`~biometry.geometry.Station` (1 = neck .. 6 = knees); arrays in LAS
+    stations : six :class:`~biometry.data.types.Station` (1 = neck .. 6 = knees); arrays in LAS
         voxel order (x right→left, y posterior→anterior, z inferior→superior) as a converter
         writes them, each with its own affine; empty when made with ``stations=False``.
     labels : (X, Y, Z) uint8 tissue labels on the fused grid, LPS index order

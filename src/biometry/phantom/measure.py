@@ -23,7 +23,7 @@ import functools
 
 import numpy as np
 
-from biometry import fields as _fields
+from biometry.config import fields as _fields
 from biometry.phantom.anatomy import (
     ADIPOSE,
     BONE,

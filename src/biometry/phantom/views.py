@@ -1,7 +1,7 @@
 """Small read-side helpers to show a phantom cohort (used by ``00_phantom_cohort.ipynb``).
 
-These are previews, not the pipeline: the real fusion lives in :mod:`biometry.volumes` and the
-network inputs in :mod:`biometry.formats`.
+These are previews, not the pipeline: the real fusion lives in :mod:`biometry.data.volumes` and the
+network inputs in :mod:`biometry.data.formats`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from biometry import fields as _fields
+from biometry.config import fields as _fields
 
 
 def coronal_preview(root: str | os.PathLike, eid: str, kind: str = "fat") -> np.ndarray:

@@ -33,9 +33,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
-from biometry.cli import UsageError, run_guarded
-from biometry.io import atomic_path, write_csv, write_json
+from biometry.data.ingest import write_ukb_zip
+from biometry.errors import UsageError, run_guarded
+from biometry.fileio import atomic_path, write_csv, write_json
 from biometry.phantom import anatomy, cohort
 from biometry.phantom.cohort import PHANTOM_VERSION, Subject
 
@@ -119,8 +121,6 @@ def write_subject(root: Path, subject: Subject, station_format: str, key: dict) 
                     data = nifti_gz_bytes(arr, st.affine, descrip=f"phantom station {st.index} {kind}")
                     (tmp / "nifti" / f"station_{st.index}_{kind}.nii.gz").write_bytes(data)
         if station_format in ("zip", "both"):
-            from biometry.ingest import write_ukb_zip
-
             write_ukb_zip(subject.stations, eid, tmp / f"{eid}_20201_2_0.zip")
         (tmp / "labels.nii.gz").write_bytes(
             nifti_gz_bytes(subject.labels, subject.labels_affine, dtype=np.uint8,
@@ -222,7 +222,7 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
     overwrite : replace an existing cohort in ``out_dir``. When ``out_dir`` holds the same cohort
         (seed, scale, format, generator version), its complete subjects are kept, since they would
         be rewritten byte for byte: this resumes a killed run.
-    station_format : ``"nifti"``, ``"zip"`` (UKB bulk zips via :func:`biometry.ingest.write_ukb_zip`)
+    station_format : ``"nifti"``, ``"zip"`` (UKB bulk zips via :func:`biometry.data.ingest.write_ukb_zip`)
         or ``"both"``.
     progress : show a tqdm progress bar on stderr.
 
@@ -264,8 +264,6 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
     todo = [(i, e) for i, e in enumerate(eids) if read_record(root, e, key) is None]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=n_subjects, initial=n_subjects - len(todo), desc="phantom", unit="subj",
                    file=sys.stderr)
     try:

@@ -1,0 +1,161 @@
+"""Per-field and per-study evaluation of cross-validated predictions (what notebooks 03-05 call).
+
+Reads the training runs' ``predictions.csv`` files and the study's fields table, and writes plain
+files: ``metrics.json`` (network and linear baseline), ``outliers.csv``, tables and figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from biometry import fileio
+from biometry.analysis.agreement import (
+    bilateral_symmetry,
+    loa_ratio,
+    method_comparison,
+    outliers,
+)
+from biometry.analysis.embedding import feature_space
+from biometry.analysis.results import field_metrics, load_predictions
+from biometry.analysis.stats import BASELINE_COVARIATES, agreement, classification, linear_baseline
+from biometry.config import fields
+from biometry.config.paths import runs_dir
+from biometry.config.study import data_paths, resolve_study
+from biometry.data.tables import covariates_from_fields_csv, references_from_fields_csv
+
+#: thresholded fields: key -> (threshold in catalogue units, label)
+THRESHOLDS: dict[str, tuple[float, str]] = {
+    "31": (0.5, "sex (male = 1)"),
+    "22402": (5.5, "liver fat > 5.5 % (NAFLD)"),
+    "22436": (5.5, "liver fat > 5.5 % (NAFLD)"),
+    "2443": (0.5, "diabetes"),
+}
+#: a target that is itself a covariate is predicted from the other three
+_COVARIATE_OF = {"age": "age", "31": "sex", "12144": "height", "21002": "weight"}
+
+
+def study_dir(study, runs_root: str | Path | None = None) -> Path:
+    """``<runs_root>/<study name>`` for a preset name, a YAML path or a Study."""
+    return (Path(runs_root) if runs_root else runs_dir()) / resolve_study(study).name
+
+
+def study_predictions(study, runs_root=None) -> pd.DataFrame:
+    """Every out-of-fold prediction of the study's training runs (long format)."""
+    return load_predictions(study_dir(study, runs_root))
+
+
+def baseline_predictions(study, key: str, runs_root=None, data_dir=None) -> pd.Series:
+    """Out-of-fold predictions of the linear baseline on age, sex, height and weight.
+
+    Fitted in the same folds as the network (the study's ``splits.csv``); indexed by eid.
+    """
+    study = resolve_study(study)
+    paths = data_paths(study, data_dir, runs_root)
+    cov = covariates_from_fields_csv(paths.fields_csv)
+    target = references_from_fields_csv(paths.fields_csv, [key])[key]
+    splits = pd.read_csv(paths.splits, dtype={"eid": str}).set_index("eid")["fold"]
+    cov.index = cov.index.astype(str)
+    target.index = target.index.astype(str)
+    common = cov.index.intersection(splits.index)
+    columns = [c for c in BASELINE_COVARIATES if c != _COVARIATE_OF.get(key)]
+    covariates = cov.loc[common, columns]
+    return linear_baseline(covariates, target.reindex(common), splits.loc[common])
+
+
+def evaluate_field(study, key: str, out_dir: str | Path, runs_root=None, data_dir=None,
+                   predictions: pd.DataFrame | None = None) -> dict:
+    """Metrics of the network and of the baseline for one field; writes ``metrics.json``."""
+    study = resolve_study(study)
+    out_dir = Path(out_dir)
+    pred = predictions if predictions is not None else study_predictions(study, runs_root)
+    pred = pred[pred["field"].astype(str) == str(key)].dropna(subset=["reference", "prediction"])
+    if pred.empty:
+        raise ValueError(f"field {key}: no predictions in the runs of study {study.name!r}")
+    result: dict = {"field": str(key), "name": fields.get(key).name, "unit": fields.get(key).unit,
+                    "network": agreement(pred["reference"], pred["prediction"])}
+    try:
+        base = baseline_predictions(study, key, runs_root, data_dir).dropna()
+        ref = pred.set_index("eid")["reference"]
+        common = ref.index.intersection(base.index)
+        result["baseline"] = agreement(ref.loc[common], base.loc[common])
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        result["baseline"] = None
+        result["baseline_error"] = str(exc)
+    if str(key) in THRESHOLDS:
+        thr, label = THRESHOLDS[str(key)]
+        result["classification"] = {"threshold": thr, "label": label,
+                                    **classification(pred["reference"] > thr, pred["prediction"],
+                                                     thr)}
+    fileio.write_json(out_dir / "metrics.json", result)
+    fileio.write_csv(out_dir / "outliers.csv", outliers(pred, str(key), n=10))
+    return result
+
+
+def study_references(study, runs_root=None, data_dir=None, keys=None) -> pd.DataFrame:
+    """Reference values of every catalogue field present in the study's fields table."""
+    study = resolve_study(study)
+    path = data_paths(study, data_dir, runs_root).fields_csv
+    if keys is None:
+        header = pd.read_csv(path, nrows=0).columns
+        present = {fields.parse_column(c)[0] for c in header if fields.parse_column(c)}
+        cat = fields.catalogue()
+        keys = [k for k in cat.index if cat.loc[k, "field_id"] in present
+                and cat.loc[k, "group"] not in ("auxiliary",)]
+        if {"34", "52", "53"} <= present:
+            keys.append("age")
+    refs = references_from_fields_csv(path, list(keys))
+    refs.index = refs.index.astype(str)
+    return refs
+
+
+def agreement_tables(study, out_dir: str | Path, runs_root=None, data_dir=None) -> dict:
+    """The paper's tables across fields, written as CSV and Markdown into ``out_dir``.
+
+    * ``table1_field_metrics``: per field R², MAE, MAPE, LoA, ICC, r, n (Table 1 / Supp. Table 1);
+    * ``table2_method_comparison``: DXA vs MRI atlas (and the two liver-fat methods), each fitted
+      to the other by linear regression in both directions, with the LoA of the fit;
+    * ``table2b_loa_ratio``: that LoA width over the network's LoA width per field;
+    * ``stable5_bilateral_symmetry``: left-right reference r beside each side's network r.
+    """
+    study = resolve_study(study)
+    out_dir = Path(out_dir)
+    preds = study_predictions(study, runs_root)
+    refs = study_references(study, runs_root, data_dir)
+    tables = {"table1_field_metrics": field_metrics(preds)}
+    mc = method_comparison(refs)
+    tables["table2_method_comparison"] = mc
+    tables["table2b_loa_ratio"] = loa_ratio(mc, tables["table1_field_metrics"])
+    tables["stable5_bilateral_symmetry"] = bilateral_symmetry(refs, preds)
+    for name, table in tables.items():
+        fileio.write_table(table, out_dir / name)
+    summary = {"median_r2": float(tables["table1_field_metrics"]["r2"].median()),
+               "n_fields": int(len(tables["table1_field_metrics"])),
+               "mean_loa_ratio": tables["table2b_loa_ratio"].attrs.get("mean_ratio")}
+    fileio.write_json(out_dir / "metrics.json", summary)
+    return tables
+
+
+def feature_space_tables(study, out_dir: str | Path, highlight: list[str] | None = None,
+                         runs_root=None, data_dir=None, seed: int = 0,
+                         max_subjects: int | None = 5000) -> dict[str, pd.DataFrame]:
+    """UMAP of the study's reference fields (Fig. 2), one embedding per highlighted field.
+
+    Uses the subjects with every field of the study present (at most ``max_subjects``, the
+    first by eid, so the result is deterministic); writes ``umap_<field>.csv`` into ``out_dir``.
+    """
+    study = resolve_study(study)
+    keys = [k for k in study.fields if fields.get(k).group != "disease"]
+    refs = study_references(study, runs_root, data_dir, keys=keys).dropna()
+    refs = refs.sort_index()
+    if max_subjects:
+        refs = refs.head(max_subjects)
+    highlight = [str(h) for h in (highlight or keys[:4])]
+    n_neighbors = int(min(15, max(2, len(refs) // 4)))
+    emb = feature_space(refs, keys, highlight, seed=seed, n_neighbors=n_neighbors)
+    out_dir = Path(out_dir)
+    for key, frame in emb.items():
+        fileio.write_csv(out_dir / f"umap_{key}.csv", frame, index=True, index_label="eid",
+                     float_format="%.6g")
+    return emb

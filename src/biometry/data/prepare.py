@@ -1,0 +1,380 @@
+"""``biometry prepare``: station NIfTI or UKB zips → fused volumes → 2D formats in a store.
+
+Input folders (detected in this order):
+
+1. a phantom cohort root: ``DIR/nifti/<eid>/station_<k>_{water,fat}.nii.gz``, or ``DIR/zip/``
+   when the phantom wrote only zips;
+2. a folder of UKB bulk files ``<eid>_20201_<instance>_0.zip``: each is read in memory by
+   :func:`biometry.data.ingest.read_ukb_zip` (the stations that :func:`biometry.data.ingest.zip_to_nifti`
+   would write, without the NIfTI round trip) and fused. The subject key is ``<eid>`` for
+   instance 2 (the first imaging visit) and ``<eid>-<instance>`` otherwise (the UKB column
+   convention), so that repeat scans sit beside the first ones;
+3. a folder of subject folders ``DIR/<eid>/station_*.nii.gz``.
+
+Subjects are processed in chunks (one task per chunk, not per subject) on a Dask cluster: a
+``LocalCluster(n_workers=workers, threads_per_worker=1)`` by default, or the existing scheduler at
+``scheduler`` (its workers must see the input and the store at the same paths: a shared file
+system). Workers write each chunk's arrays as new part files of the store; the client
+commits them to the index as they complete (:mod:`biometry.data.store`), so a killed run loses at most
+the chunks in flight and leaves no half-written array. A resumed run skips subjects that are in
+the store or failed before (``retry_failed`` redoes the failed ones). A subject that fails gets a
+QC row naming the stage and the error; the others go on; the exit status is 1 if any subject of
+the input is failed in the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from dask.distributed import Client, LocalCluster, as_completed
+from tqdm.auto import tqdm
+
+from biometry.data import formats as fmt_mod
+from biometry.data.formats import FORMATS
+from biometry.data.ingest import read_ukb_zip
+from biometry.data.store import Store
+from biometry.data.volumes import fuse, load_subject
+from biometry.errors import UsageError, run_guarded
+
+DEFAULT_FORMATS: tuple[str, ...] = ("projection", "fat_fraction_slices", "mimir")
+DEFAULT_CHUNK_SIZE: int = 16
+_ZIP_RE = re.compile(r"^(\d+)_20201_(\d+)_(\d+)\.zip$")
+_NIFTI_GLOB = "station_*.nii*"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject to prepare: its key, where its data lie, and what kind of input that is."""
+
+    eid: str
+    source: str
+    kind: str  # "nifti" (a folder of stations) or "zip" (a UKB bulk file)
+
+
+@dataclass
+class PrepareResult:
+    """What one ``prepare`` call did.
+
+    Attributes
+    ----------
+    out_dir : the store folder.
+    n_input : subjects found in the input.
+    n_done : subjects prepared successfully in this call.
+    n_skipped : subjects skipped because the store already had them (ok or failed).
+    failed : QC rows (eid, stage, error) of input subjects whose latest attempt failed.
+    seconds : wall time of the call.
+    """
+
+    out_dir: Path
+    n_input: int
+    n_done: int
+    n_skipped: int
+    failed: pd.DataFrame = field(default_factory=pd.DataFrame)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return len(self.failed) == 0
+
+    def summary(self) -> str:
+        line = (f"prepare: {self.n_input} subjects, {self.n_done} prepared, {self.n_skipped} already "
+                f"in the store, {len(self.failed)} failed, {self.seconds:.1f} s -> {self.out_dir}")
+        if len(self.failed):
+            first = self.failed.iloc[0]
+            line += f" (e.g. {first['eid']}: {first['stage']}: {first['error']}; see qc.csv)"
+        return line
+
+
+# --------------------------------------------------------------------------------------------
+# input discovery
+
+
+def find_subjects(input_dir: str | Path) -> list[Subject]:
+    """Subjects of an input folder (phantom root, folder of UKB zips, or of subject folders).
+
+    Raises ``FileNotFoundError``/``ValueError`` naming the folder when it holds no subjects or
+    when two inputs give the same subject key.
+    """
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: input folder not found")
+    if (root / "nifti").is_dir():
+        root = root / "nifti"
+    elif (root / "zip").is_dir():
+        root = root / "zip"
+    subjects: list[Subject] = []
+    for zp in sorted(root.glob("*.zip")):
+        m = _ZIP_RE.match(zp.name)
+        if not m:
+            continue
+        eid, instance = m.group(1), int(m.group(2))
+        key = eid if instance == 2 else f"{eid}-{instance}"
+        subjects.append(Subject(key, str(zp), "zip"))
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        if any(d.glob(_NIFTI_GLOB)):
+            subjects.append(Subject(d.name, str(d), "nifti"))
+    if not subjects:
+        raise ValueError(f"{input_dir}: no subjects found (expected nifti/<eid>/ folders, "
+                         f"<eid>/station_*.nii.gz folders or <eid>_20201_2_0.zip files)")
+    keys = pd.Series([s.eid for s in subjects])
+    dup = sorted(set(keys[keys.duplicated()]))
+    if dup:
+        raise ValueError(f"{input_dir}: subject(s) {', '.join(dup[:10])} appear more than once")
+    return subjects
+
+
+def phantom_spacing(input_dir: str | Path) -> tuple[float, float, float] | None:
+    """The fused-grid spacing (mm) recorded in a phantom cohort's ``cohort.json``, else None."""
+    meta = Path(input_dir) / "cohort.json"
+    if not meta.is_file():
+        return None
+    try:
+        spacing = json.loads(meta.read_text())["fused_grid"]["spacing_mm"]
+        return tuple(float(v) for v in spacing)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{meta}: no usable fused_grid.spacing_mm ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# the work
+
+
+def _load(subject: Subject, spacing: tuple[float, float, float] | None = None):
+    kwargs = {} if spacing is None else {"spacing": tuple(float(s) for s in spacing)}
+    if subject.kind == "nifti":
+        return load_subject(subject.source, **kwargs)
+    # Straight from the zip's DICOM to the fused volume: the same stations that
+    # ingest.zip_to_nifti would write, without compressing and re-reading NIfTI files.
+    vol = fuse(read_ukb_zip(subject.source), eid=subject.eid, **kwargs)
+    vol.meta["source"] = subject.source
+    return vol
+
+
+def _numeric_meta(meta: dict) -> dict:
+    """Scalar numbers of a volume's provenance (seam mismatch, ...) for the QC table."""
+    out = {}
+    for k, v in meta.items():
+        if isinstance(v, (bool, np.bool_)):
+            out[k] = bool(v)
+        elif isinstance(v, (int, float, np.integer, np.floating)):
+            out[k] = float(v)
+    return out
+
+
+def prepare_subject(subject: Subject, formats: Sequence[str],
+                    spacing: tuple[float, float, float] | None = None
+                    ) -> tuple[dict[str, np.ndarray] | None, dict]:
+    """Load one subject and compute its formats; never raises on bad data.
+
+    Returns
+    -------
+    arrays : ``{format: (C, H, W) uint8}``, or None when the subject failed.
+    qc : the subject's QC row (eid, status, stage, error, source, numeric fusion QC).
+    """
+    qc: dict = {"eid": subject.eid, "status": "failed", "stage": "load", "error": "",
+                "source": subject.source}
+    try:
+        vol = _load(subject, spacing)
+        qc.update(_numeric_meta(vol.meta))
+        qc["stage"] = "formats"
+        # NaN/inf: read_nifti refuses them in the files, and the formats refuse them in what
+        # they use (a clear ValueError naming the subject), so no extra pass over the volume
+        arrays = fmt_mod.compute(vol, list(formats))
+    except Exception as exc:  # a bad subject must not stop the batch: report it
+        qc["error"] = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        return None, qc
+    qc.update(status="ok", stage="done")
+    return arrays, qc
+
+
+def process_chunk(subjects: Sequence[Subject], store_path: str, part: str,
+                  formats: Sequence[str], spacing: tuple[float, float, float] | None = None
+                  ) -> tuple[str | None, list[str], list[str], list[dict]]:
+    """Prepare a chunk of subjects and write their arrays as store part ``part`` (not committed).
+
+    Runs on a worker. Returns ``(part or None, eids, sources, qc_rows)`` for :meth:`Store.commit`.
+    """
+    store = Store.open(store_path)
+    eids, sources, qc_rows = [], [], []
+    stacks: dict[str, list[np.ndarray]] = {f: [] for f in formats}
+    for subject in subjects:
+        arrays, qc = prepare_subject(subject, formats, spacing)
+        qc_rows.append(qc)
+        if arrays is None:
+            continue
+        eids.append(subject.eid)
+        sources.append(subject.source)
+        for f in formats:
+            stacks[f].append(arrays[f])
+    if not eids:
+        return None, [], [], qc_rows
+    store.write_part(part, {f: np.stack(v) for f, v in stacks.items()})
+    return part, eids, sources, qc_rows
+
+
+def _chunks(items: Sequence, size: int) -> list[list]:
+    return [list(items[i: i + size]) for i in range(0, len(items), size)]
+
+
+def prepare(input_dir: str | Path, out_dir: str | Path,
+            formats: Sequence[str] | None = None, workers: int = 1,
+            scheduler: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+            retry_failed: bool = False, progress: bool = True,
+            spacing: tuple[float, float, float] | None = None) -> PrepareResult:
+    """Prepare every subject of ``input_dir`` into the store ``out_dir`` (resumable).
+
+    Parameters
+    ----------
+    input_dir : phantom root, folder of UKB zips, or folder of subject folders (module docstring).
+    out_dir : the store folder (created if missing).
+    formats : format names (:data:`biometry.data.formats.FORMATS`); None: the existing store's
+        formats, or :data:`DEFAULT_FORMATS` for a new store.
+    workers : Dask worker processes of the local cluster; 1 with no ``scheduler`` runs
+        in-process without Dask.
+    scheduler : address of a running Dask scheduler (``tcp://host:8786``); overrides ``workers``.
+    chunk_size : subjects per task (and per store part).
+    retry_failed : redo subjects whose earlier attempt failed.
+    progress : show a tqdm progress bar (subjects).
+    spacing : fused grid spacing (mm); None: the phantom's fused grid when ``input_dir`` is a
+        phantom cohort (its ``cohort.json``), else :func:`biometry.data.volumes.load_subject`'s default
+        (the UKB grid), so that a coarse demo phantom is not upsampled.
+
+    Returns
+    -------
+    PrepareResult
+    """
+    t0 = time.perf_counter()
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out_dir = Path(out_dir)
+    subjects = find_subjects(input_dir)
+    if spacing is None:
+        spacing = phantom_spacing(input_dir)
+    if formats is None and (out_dir / "store.json").is_file():
+        store = Store.open(out_dir)
+        formats = list(store.formats)
+    else:
+        formats = list(formats or DEFAULT_FORMATS)
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
+        store = Store.create(out_dir, formats, exist_ok=True)
+    done = store.done(retry_failed=retry_failed)
+    todo = [s for s in subjects if s.eid not in done]
+    chunks = _chunks(todo, chunk_size)
+    parts = store.next_parts(len(chunks))
+    bar = _progress(len(todo), progress)
+    n_done = 0
+    try:
+        if workers == 1 and scheduler is None:
+            for chunk, part in zip(chunks, parts, strict=True):
+                res = process_chunk(chunk, str(out_dir), part, formats, spacing)
+                store.commit(res[0], res[1], res[2], res[3])
+                n_done += len(res[1])
+                bar.update(len(chunk))
+        else:
+            n_done = _run_dask(chunks, parts, str(out_dir), formats, spacing, workers, scheduler,
+                               store, bar)
+    finally:
+        bar.close()
+    store.refresh()
+    input_eids = {s.eid for s in subjects}
+    failed = store.failed()
+    failed = failed[failed["eid"].isin(input_eids)][["eid", "stage", "error"]].reset_index(drop=True)
+    return PrepareResult(out_dir=out_dir, n_input=len(subjects), n_done=n_done,
+                         n_skipped=len(subjects) - len(todo), failed=failed,
+                         seconds=time.perf_counter() - t0)
+
+
+def _progress(total: int, enabled: bool):
+    return tqdm(total=total, unit="subject", desc="prepare", disable=not enabled or total == 0)
+
+
+def _run_dask(chunks, parts, store_path, formats, spacing, workers, scheduler, store, bar) -> int:
+    """Map chunks over a Dask cluster and commit each as it completes; returns subjects done."""
+    if scheduler:
+        client, cluster = Client(scheduler), None
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None,
+                               processes=True)
+        client = Client(cluster)
+    n_done = 0
+    try:
+        futures = {client.submit(process_chunk, chunk, store_path, part, formats, spacing,
+                                 pure=False): chunk
+                   for chunk, part in zip(chunks, parts, strict=True)}
+        for fut in as_completed(futures):
+            chunk = futures[fut]
+            try:
+                part, eids, sources, qc_rows = fut.result()
+            except Exception as exc:  # a worker died: record the chunk's subjects, go on
+                part, eids, sources = None, [], []
+                qc_rows = [{"eid": s.eid, "status": "failed", "stage": "worker",
+                            "error": f"{type(exc).__name__}: {exc}", "source": s.source}
+                           for s in chunk]
+            store.commit(part, eids, sources, qc_rows)
+            n_done += len(eids)
+            bar.update(len(chunk))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return n_done
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="biometry prepare",
+        description="Stations (NIfTI folders, a phantom cohort or UKB zips) -> fused volumes -> "
+                    "2D formats in a resumable store.")
+    p.add_argument("--input", required=True, help="phantom cohort root, folder of subject folders "
+                   "with station NIfTI, or folder of <eid>_20201_2_0.zip files")
+    p.add_argument("--out", required=True, help="store folder (created; resumed if it exists)")
+    p.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
+                   help=f"formats to compute ({', '.join(FORMATS)}); default: the existing store's, "
+                        f"else {' '.join(DEFAULT_FORMATS)}")
+    p.add_argument("--workers", type=int, default=1, help="local Dask workers (1: in-process)")
+    p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
+    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="fused grid spacing in mm (default: the UKB grid 2.232 2.232 3)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="subjects per task")
+    p.add_argument("--retry-failed", action="store_true", help="redo subjects that failed before")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """CLI entry: exit 0 when every input subject is prepared, 1 if any failed, 2 on bad usage."""
+    def _run(args_list: list[str]) -> int:
+        args = _parser().parse_args(args_list)
+        for name in args.formats or []:
+            if name not in FORMATS:
+                raise UsageError(f"unknown format {name!r}; known: {', '.join(FORMATS)}")
+        if args.workers < 1 or args.chunk_size < 1:
+            raise UsageError("--workers and --chunk-size must be at least 1")
+        try:
+            result = prepare(args.input, args.out, formats=args.formats, workers=args.workers,
+                             scheduler=args.scheduler, chunk_size=args.chunk_size,
+                             retry_failed=args.retry_failed, progress=not args.no_progress,
+                             spacing=args.spacing)
+        except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+            raise UsageError(str(exc).strip("'\"")) from None
+        print(result.summary(), file=sys.stderr if not result.ok else sys.stdout)
+        return 0 if result.ok else 1
+
+    return run_guarded(_run, argv, "biometry prepare")

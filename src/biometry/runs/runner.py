@@ -1,0 +1,167 @@
+"""Run folders and provenance: one notebook execution (papermill) into a folder named from its
+parameters (batches of runs over Dask: :mod:`biometry.runs.batch`).
+
+A *run* is one execution of one notebook stage with one set of parameters. Its folder is named
+from the parameters, never from a timestamp::
+
+    papermill_runs/<study>/<stage>/[<field>/][fold_<k>/]
+
+and holds the executed notebook, ``params.yaml``, ``provenance.json`` and the stage's outputs as
+plain files. A run is *finished* when ``done.json`` exists (written atomically after the notebook
+succeeded); a failed run leaves ``failed.json`` with the error and the executed notebook that shows
+it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import importlib.metadata as md
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from biometry import fileio
+from biometry.config.paths import notebooks_dir, repo_root, runs_dir
+from biometry.runs.notebook import NotebookFailed, execute_notebook
+
+#: stage -> notebook file (in notebooks/)
+STAGES: dict[str, str] = {
+    "phantom": "00_phantom_cohort.ipynb",
+    "prepare": "01_prepare.ipynb",
+    "train": "02_train.ipynb",
+    "evaluate": "03_evaluate_field.ipynb",
+    "agreement": "04_agreement.ipynb",
+    "feature_space": "05_feature_space.ipynb",
+}
+DONE = "done.json"
+FAILED = "failed.json"
+_PACKAGES = ("biometry", "numpy", "scipy", "pandas", "torch", "torchvision", "nibabel", "pydicom",
+             "scikit-learn", "statsmodels", "papermill", "dask", "umap-learn")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One notebook execution: which notebook, with which parameters, into which folder."""
+
+    study: str
+    stage: str
+    parameters: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    field: str | None = None
+    fold: int | None = None
+    notebook: str | None = None  # defaults to STAGES[stage]
+
+    @property
+    def label(self) -> str:
+        parts = [self.study, self.stage]
+        if self.field is not None:
+            parts.append(str(self.field))
+        if self.fold is not None:
+            parts.append(f"fold_{self.fold}")
+        return "/".join(parts)
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    status: str  # "done", "skipped" (finished before), "failed"
+    run_dir: Path
+    notebook: Path | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def run_dir_for(spec: RunSpec, root: str | os.PathLike | None = None) -> Path:
+    """``<root>/<study>/<stage>/[<field>/][fold_<k>/]`` (root defaults to ``papermill_runs/``)."""
+    path = Path(root) if root is not None else runs_dir()
+    path = path / spec.study / spec.stage
+    if spec.field is not None:
+        path = path / str(spec.field)
+    if spec.fold is not None:
+        path = path / f"fold_{int(spec.fold)}"
+    return path
+
+
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    return (Path(run_dir) / DONE).is_file()
+
+
+def provenance() -> dict[str, Any]:
+    """Where and with what a run was made: git commit, package versions, host, device."""
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "user": _safe(getpass.getuser),
+        "cpu_count": os.cpu_count(),
+        "packages": {p: _safe(md.version, p) for p in _PACKAGES},
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    try:
+        info["device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+        info["torch_threads"] = torch.get_num_threads()
+    except Exception:  # pragma: no cover - torch is a dependency
+        info["device"] = "unknown"
+    return info
+
+
+def _safe(fn, *args):
+    try:
+        return fn(*args)
+    except Exception:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True,
+                             timeout=10, check=True)
+        return out.stdout.strip()
+    except Exception:
+        return None
+
+
+def execute_run(spec: RunSpec, root: str | os.PathLike | None = None, force: bool = False,
+                cwd: str | os.PathLike | None = None) -> RunResult:
+    """Execute one run unless it is finished; never raises for a notebook error."""
+    run_dir = run_dir_for(spec, root)
+    if is_finished(run_dir) and not force:
+        return RunResult(spec, "skipped", run_dir, notebook=run_dir / (spec.notebook or STAGES.get(spec.stage, "")))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).unlink(missing_ok=True)
+    (run_dir / DONE).unlink(missing_ok=True)
+    nb_name = spec.notebook or STAGES[spec.stage]
+    source = notebooks_dir() / nb_name
+    params = {**spec.parameters, "run_dir": str(run_dir)}
+    fileio.write_text(run_dir / "params.yaml", yaml.safe_dump(
+        {"study": spec.study, "stage": spec.stage, "field": spec.field, "fold": spec.fold,
+         "notebook": nb_name, "parameters": params}, sort_keys=True))
+    fileio.write_json(run_dir / "provenance.json", provenance())
+    output = run_dir / nb_name
+    start = time.perf_counter()
+    try:
+        execute_notebook(source, output, parameters=params, cwd=cwd or repo_root())
+    except NotebookFailed as exc:
+        seconds = time.perf_counter() - start
+        message = str(exc).split(": ", 1)[-1]
+        fileio.write_json(run_dir / FAILED, {"error": message, "notebook": str(output),
+                                         "seconds": seconds})
+        return RunResult(spec, "failed", run_dir, output, message, seconds)
+    except Exception as exc:  # a missing notebook, a kernel that cannot start, ...
+        seconds = time.perf_counter() - start
+        message = f"{type(exc).__name__}: {exc}"
+        fileio.write_json(run_dir / FAILED, {"error": message, "notebook": str(output),
+                                         "seconds": seconds})
+        return RunResult(spec, "failed", run_dir, output, message, seconds)
+    seconds = time.perf_counter() - start
+    fileio.write_json(run_dir / DONE, {"seconds": round(seconds, 3), "notebook": nb_name})
+    return RunResult(spec, "done", run_dir, output, None, seconds)
