@@ -16,7 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "synth": ("biometry.phantom", "main", "generate a phantom cohort that looks like a UKB release"),
     "fields": ("biometry.config.fields", "main", "list the field catalogue"),
     "prepare": ("biometry.data.prepare", "main", "stations (NIfTI or UKB zips) -> fused volumes -> 2D formats"),
-    "run": ("biometry.runs.batch", "main", "batch-execute a notebook stage per field and fold"),
+    "run": ("biometry.runs.pipeline", "run_main", "run one stage of a study (train, evaluate, ..., figures)"),
+    "study": ("biometry.runs.pipeline", "study_main", "start a study from a preset; run all its stages"),
     "demo": ("biometry.runs.demo", "main", "the whole pipeline on a phantom cohort"),
     "figures": ("biometry.runs.figures", "main", "regenerate a study's figures and tables"),
 }

@@ -21,8 +21,7 @@ from biometry.analysis.embedding import feature_space
 from biometry.analysis.results import field_metrics, load_predictions
 from biometry.analysis.stats import BASELINE_COVARIATES, agreement, classification, linear_baseline
 from biometry.config import fields
-from biometry.config.paths import runs_dir
-from biometry.config.study import data_paths, resolve_study
+from biometry.config.study import data_paths, default_runs_root, resolve_study
 from biometry.data.tables import covariates_from_fields_csv, references_from_fields_csv
 
 #: thresholded fields: key -> (threshold in catalogue units, label)
@@ -38,7 +37,8 @@ _COVARIATE_OF = {"age": "age", "31": "sex", "12144": "height", "21002": "weight"
 
 def study_dir(study, runs_root: str | Path | None = None) -> Path:
     """``<runs_root>/<study name>`` for a preset name, a YAML path or a Study."""
-    return (Path(runs_root) if runs_root else runs_dir()) / resolve_study(study).name
+    study = resolve_study(study)
+    return (Path(runs_root) if runs_root else default_runs_root(study)) / study.name
 
 
 def study_predictions(study, runs_root=None) -> pd.DataFrame:

@@ -31,9 +31,10 @@ from typing import Any
 
 import yaml
 
+from biometry import fileio
 from biometry.config import fields as fieldcat
 from biometry.config.formats import FORMAT_SPECS, format_shape
-from biometry.config.paths import STUDIES_DIR, runs_dir
+from biometry.config.paths import STUDIES_DIR, figures_dir, runs_dir
 from biometry.config.training import TrainConfig
 
 _TOP_KEYS = {"name", "description", "data", "format", "fields", "multi_field", "folds",
@@ -122,6 +123,35 @@ class Study:
                 "network_name": self.network_name}
 
 
+def check_lr_steps(training: TrainConfig, where: str = "training") -> None:
+    """Raise if an ``lr_steps`` entry is not inside the iteration count (the drop would never
+    fire: the original code's bug with 6000 iterations and a step configured beyond them)."""
+    if training.iterations > 0:
+        late = [s for s in training.lr_steps if not 0 < s < training.iterations]
+        if late:
+            raise StudyError(f"{where}: lr_steps {list(training.lr_steps)} must lie in "
+                             f"1..{training.iterations - 1} (iterations={training.iterations}); "
+                             f"step(s) {late} would never fire")
+
+
+def with_iterations(training: TrainConfig, iterations: int) -> TrainConfig:
+    """``training`` with another iteration count; ``lr_steps`` scale with it, explicitly.
+
+    Each step keeps its fraction of the schedule: 5000 of 6000 becomes 250 of 300. The result is
+    checked with :func:`check_lr_steps` (a step that would round to 0 or past the end raises).
+    """
+    iterations = int(iterations)
+    if iterations < 1:
+        raise StudyError(f"iterations must be >= 1, got {iterations}")
+    if training.iterations > 0:
+        steps = tuple(max(1, round(s * iterations / training.iterations)) for s in training.lr_steps)
+    else:
+        steps = training.lr_steps
+    new = dataclasses.replace(training, iterations=iterations, epochs=0.0, lr_steps=steps)
+    check_lr_steps(new, f"iterations={iterations}")
+    return new
+
+
 def available_studies() -> list[str]:
     """Names of the presets shipped with the package."""
     return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
@@ -141,8 +171,12 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_study(name_or_path: str | os.PathLike) -> Study:
-    """Load and validate a preset by name (``"demo"``) or a study YAML file by path."""
-    path = _resolve(name_or_path)
+    """Load and validate a preset by name (``"demo"``) or a study YAML file by path.
+
+    The path is made absolute here (against the current directory), so that a study handed on
+    to notebooks and workers that run elsewhere still names the same file.
+    """
+    path = _resolve(name_or_path).resolve()
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -192,6 +226,7 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
         training = TrainConfig.from_dict(tr)
     except (ValueError, TypeError) as exc:
         raise StudyError(f"{where}: {exc}") from exc
+    check_lr_steps(training, where)
     multi = bool(raw.get("multi_field", False))
     if training.head == "classification" and (multi and len(keys) > 1):
         raise StudyError(f"{where}: a classification study trains one network per field "
@@ -229,10 +264,11 @@ class DataPaths:
     cohort: Path  # the release: fields.csv (+ nifti/, truth/ for a phantom)
     prepared: Path  # the prepared store
     splits: Path  # splits.csv of the study
+    fields_file: Path | None = None  # the fields table when not ``cohort/fields.csv``
 
     @property
     def fields_csv(self) -> Path:
-        return self.cohort / "fields.csv"
+        return self.fields_file if self.fields_file is not None else self.cohort / "fields.csv"
 
 
 def resolve_study(study: str | os.PathLike | Study) -> Study:
@@ -240,21 +276,101 @@ def resolve_study(study: str | os.PathLike | Study) -> Study:
     return load_study(study) if isinstance(study, str | os.PathLike) else study
 
 
+def is_preset(study: Study) -> bool:
+    """True for a preset shipped with the package, False for a user's study file."""
+    return Path(study.path).parent == STUDIES_DIR.resolve() or Path(study.path).parent == STUDIES_DIR
+
+
+def default_runs_root(study) -> Path:
+    """Where a study's run folders go unless ``--runs-root`` says otherwise.
+
+    A preset's go to the checkout's ``papermill_runs/``; a user's study file keeps its outputs
+    beside itself, in ``papermill_runs/`` of the YAML's folder, where its user will look.
+    """
+    study = resolve_study(study)
+    return runs_dir() if is_preset(study) else Path(study.path).parent / "papermill_runs"
+
+
+def default_figures_root(study) -> Path:
+    """Where a study's figures go by default: ``figures/`` beside the runs (see above)."""
+    study = resolve_study(study)
+    return figures_dir() if is_preset(study) else Path(study.path).parent / "figures"
+
+
+def study_path(study, value: str | os.PathLike) -> Path:
+    """A path from a study file, absolute: relative paths are relative to the YAML's folder."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (Path(study.path).parent / p).resolve()
+
+
 def data_paths(study, data_dir: str | Path | None = None,
                runs_root: str | Path | None = None) -> DataPaths:
-    """Where the fields table, the prepared store and the splits of ``study`` live."""
+    """Where the fields table, the prepared store and the splits of ``study`` live.
+
+    Relative ``fields_csv`` and ``prepared`` in the study file are relative to the file's folder;
+    ``runs_root`` defaults to :func:`default_runs_root`.
+    """
     study = resolve_study(study)
-    root = Path(runs_root) if runs_root else runs_dir()
+    root = Path(runs_root) if runs_root else default_runs_root(study)
     base = root / study.name
     data = dict(study.data or {})
     if data_dir:
-        d = Path(data_dir)
+        d = Path(data_dir).resolve()
         return DataPaths(d, d / "prepared", base / "splits.csv")
     if data.get("source", "phantom") == "phantom":
         return DataPaths(base / "data" / "cohort", base / "data" / "prepared", base / "splits.csv")
     try:
-        return DataPaths(Path(data["fields_csv"]).parent, Path(data["prepared"]),
-                         base / "splits.csv")
+        table = study_path(study, data["fields_csv"])
+        return DataPaths(table.parent, study_path(study, data["prepared"]), base / "splits.csv",
+                         fields_file=table)
     except KeyError as exc:
         raise ValueError(f"study {study.name!r}: data needs 'fields_csv' and 'prepared' paths "
-                         f"(missing {exc.args[0]!r})") from None
+                         f"(missing {exc.args[0]!r}); start a study of your own from it with "
+                         f"`biometry study new mystudy --from {study.name} --fields-csv ... "
+                         f"--prepared ...`") from None
+
+
+def new_study(name: str, preset: str, fields_csv: str | os.PathLike, prepared: str | os.PathLike,
+              out_dir: str | os.PathLike = ".", fields: list[str] | None = None,
+              iterations: int | None = None, folds: int | None = None,
+              overwrite: bool = False) -> Path:
+    """Write ``<out_dir>/<name>.yaml``: the preset ``preset`` pointed at the user's data.
+
+    ``fields_csv`` and ``prepared`` are written relative to ``out_dir`` (where the new file
+    lives), so the folder can be moved as a whole; ``fields``, ``iterations`` (``lr_steps``
+    scale with it, see :func:`with_iterations`) and ``folds`` override the preset's. The result
+    is validated by loading it; returns its path.
+    """
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise StudyError(f"study name {name!r}: use letters, digits, '-' and '_'")
+    base = load_study(preset)
+    raw = yaml.safe_load(base.path.read_text())
+    out_dir = Path(out_dir).resolve()
+    target = out_dir / f"{name}.yaml"
+    if target.exists() and not overwrite:
+        raise StudyError(f"{target} exists; pass --overwrite to replace it")
+
+    def relative(p: str | os.PathLike) -> str:
+        return os.path.relpath(Path(p).expanduser().resolve(), out_dir)
+
+    raw["name"] = name
+    raw["description"] = (f"Started from the preset {base.name!r}. " + base.description).strip()
+    raw["data"] = {"source": "ukb", "fields_csv": relative(fields_csv),
+                   "prepared": relative(prepared)}
+    if fields:
+        raw["fields"] = fieldcat.validate([str(f) for f in fields])
+    if folds is not None:
+        raw["folds"] = int(folds)
+        raw.pop("train_folds", None)
+    if iterations is not None:
+        tr = with_iterations(base.training, iterations)
+        raw["training"] = {**raw["training"], "iterations": tr.iterations,
+                           "lr_steps": list(tr.lr_steps)}
+        raw["training"].pop("epochs", None)
+        if int(raw["training"].get("checkpoint_every", 0) or 0) > tr.iterations:
+            raw["training"]["checkpoint_every"] = tr.iterations
+    text = (f"# Study {name}: started with `biometry study new {name} --from {base.name}`.\n"
+            f"# Paths are relative to this file's folder.\n" + yaml.safe_dump(raw, sort_keys=False))
+    study_from_dict(yaml.safe_load(text), target)  # validate before writing
+    fileio.write_text(target, text)
+    return target

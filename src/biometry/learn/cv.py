@@ -6,13 +6,12 @@ Where a study's data lives is :func:`biometry.config.study.data_paths`.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from biometry.config.study import data_paths, resolve_study
+from biometry.config.study import data_paths, resolve_study, with_iterations
 from biometry.data.store import Store
 from biometry.data.tables import references_from_fields_csv
 from biometry.learn.splits import fold_indices, load_or_create_splits
@@ -72,7 +71,7 @@ def train_fold(study, unit: str, fold: int, run_dir: str | Path, fields: list[st
     train_idx, val_idx = train_idx[labelled[train_idx]], val_idx[labelled[val_idx]]
     config = study.training
     if iterations:
-        config = replace(config, iterations=int(iterations))
+        config = with_iterations(config, int(iterations))  # lr_steps scale with it
     images = store.load(study.format)  # into memory: training indexes it at random
     return train(config, images, targets, train_idx, val_idx, Path(run_dir), eids=eids,
                  field_keys=keys, fold=fold, progress=progress)

@@ -1,11 +1,10 @@
 """Batches of runs on a Dask cluster (local, a scheduler address, or SLURM/PBS through
 dask-jobqueue): finished runs are skipped, failed ones retried, and a failure never stops the rest.
-Also ``biometry run``, the command that dispatches a study's training runs.
+``biometry run`` and ``biometry study run`` (:mod:`biometry.runs.pipeline`) dispatch through it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -17,8 +16,6 @@ from tqdm.auto import tqdm
 
 from biometry.config import fields as catalogue
 from biometry.config.paths import runs_dir
-from biometry.config.study import load_study
-from biometry.learn.cv import check_training_inputs
 from biometry.runs.runner import RunResult, RunSpec, execute_run, is_finished, run_dir_for
 
 
@@ -64,7 +61,7 @@ def run_batch(specs: Sequence[RunSpec], root: str | os.PathLike | None = None, w
     the executed notebook that shows the error.
     """
     root = Path(root) if root is not None else runs_dir()
-    todo = [s for s in specs if force or not is_finished(run_dir_for(s, root))]
+    todo = [s for s in specs if force or not is_finished(run_dir_for(s, root), s.identity)]
     results = [RunResult(s, "skipped", run_dir_for(s, root)) for s in specs if s not in todo]
     if not todo:
         return results
@@ -130,36 +127,3 @@ def study_train_specs(study, fields: Sequence[str] | None = None,
                 params["fields"] = chosen
             specs.append(RunSpec(study.name, "train", params, field=unit, fold=k))
     return specs
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="biometry run",
-        description="Execute a notebook stage for every field and fold of a study, in parallel, "
-                    "skipping finished runs. Exit status 1 if any run failed.")
-    ap.add_argument("stage", choices=["train"], help="the stage to run")
-    ap.add_argument("--study", required=True, help="preset name or path to a study YAML")
-    ap.add_argument("--fields", nargs="*", help="field keys (default: all of the study)")
-    ap.add_argument("--folds", nargs="*", type=int, help="fold indices (default: all)")
-    ap.add_argument("--workers", type=int, default=1, help="parallel runs on a local Dask cluster")
-    ap.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
-    ap.add_argument("--runs-root", help="folder of run outputs (default: papermill_runs/)")
-    ap.add_argument("--data-dir", help="prepared data of the study (default: from the study)")
-    ap.add_argument("--force", action="store_true", help="re-run finished runs")
-    a = ap.parse_args(argv)
-    try:
-        study = load_study(a.study)
-        extra = {"data_dir": a.data_dir} if a.data_dir else {}
-        if a.runs_root:
-            extra["runs_root"] = a.runs_root
-        specs = study_train_specs(study, a.fields, a.folds, extra)
-        check_training_inputs(study, data_dir=a.data_dir, runs_root=a.runs_root,
-                              fields=[s.field for s in specs] if not study.multi_field else None)
-    except (KeyError, ValueError, FileNotFoundError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"biometry run: error: {msg}", file=sys.stderr)
-        return 2
-    jobqueue = (study.dispatch or {}).get("jobqueue") if not a.scheduler else None
-    results = run_batch(specs, root=a.runs_root, workers=a.workers, scheduler=a.scheduler,
-                        jobqueue=jobqueue if a.workers > 1 else None, force=a.force)
-    return 1 if report(results) else 0

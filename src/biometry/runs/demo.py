@@ -2,13 +2,11 @@
 
 1. ``00_phantom_cohort``  synthesise a cohort that looks like a UKB release;
 2. ``01_prepare``         fuse the stations and write the 2D formats into a prepared store;
-3. ``02_train``           train the study's networks in k-fold cross-validation (Dask batch);
-4. ``03_evaluate_field``  per field: metrics, the linear baseline, scatter and Bland-Altman plots;
-5. ``04_agreement``       tables across fields: DXA vs MRI, bilateral symmetry;
-6. figures               the manuscript-style figures and tables of the study (``biometry figures``).
+3. ``biometry study run``  every stage of :data:`biometry.runs.pipeline.PIPELINE` in order
+   (train, evaluate, agreement, feature-space, figures), as for any other study.
 
 Every stage is a run folder under ``papermill_runs/<study>/``; a finished stage is skipped when the
-demo is started again, so an interrupted demo resumes where it stopped.
+demo is started again (for the same inputs), so an interrupted demo resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -24,10 +22,8 @@ import pandas as pd
 
 from biometry import fileio
 from biometry.config import fields
-from biometry.config.paths import runs_dir
-from biometry.config.study import data_paths, load_study
-from biometry.runs.batch import report, run_batch, study_train_specs
-from biometry.runs.figures import build_figures
+from biometry.config.study import data_paths, default_runs_root, load_study
+from biometry.runs.pipeline import StageError, run_study
 from biometry.runs.runner import RunSpec, execute_run, run_dir_for
 
 
@@ -45,7 +41,7 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
              force: bool = False, figures: bool = True) -> pd.DataFrame:
     """Run every stage of ``study_name`` on its phantom cohort; return the summary table."""
     study = load_study(study_name)
-    root = Path(root) if root is not None else runs_dir()
+    root = Path(root) if root is not None else default_runs_root(study)
     paths = data_paths(study, runs_root=root)
     data = dict(study.data or {})
     if data.get("source", "phantom") != "phantom":
@@ -61,18 +57,12 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
         "input_dir": str(paths.cohort), "out_dir": str(paths.prepared),
         "formats": [study.format], "workers": data_workers}), root, force)
 
-    print(f"[demo] training {study.name}: {study.folds}-fold CV", flush=True)
-    specs = study_train_specs(study, extra={"runs_root": str(root)})
-    results = run_batch(specs, root=root, workers=workers, force=force)
-    if report(results):
-        raise RuntimeError("some training runs failed (see above)")
-
-    for key in study.fields:
-        _stage(RunSpec(study.name, "evaluate", {"study": str(study.path), "field": key,
-                                                "runs_root": str(root)}, field=key), root, force)
-    if figures:  # runs 04_agreement and 05_feature_space, then every figure notebook
-        if build_figures(str(study.path), runs_root=root):
-            raise RuntimeError("some figure notebooks failed (see above)")
+    print(f"[demo] {study.name}: {study.folds}-fold CV, then every stage (biometry study run)",
+          flush=True)
+    stages = None if figures else ["train", "evaluate"]
+    # a changed demo.yaml retrains (the demo's runs are its own, nothing to protect)
+    run_study(study, root, workers=workers, stages=stages, force=force, redo_changed=True,
+              log=lambda line: print(f"[demo] {line}", flush=True))
 
     summary = summary_table(study, root)
     out = run_dir_for(RunSpec(study.name, "summary"), root)
@@ -114,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         run_demo(a.study, a.runs_root, a.workers, a.force, figures=not a.no_figures)
-    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as exc:
+    except (StageError, RuntimeError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"biometry demo: {exc}", file=sys.stderr)
         return 1
     return 0

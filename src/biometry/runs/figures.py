@@ -13,8 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from biometry.config.paths import figures_dir
-from biometry.config.study import load_study
+from biometry.config.study import default_figures_root, default_runs_root, load_study
 from biometry.runs.batch import report, run_batch
 from biometry.runs.runner import RunSpec, execute_run, run_dir_for
 
@@ -30,21 +29,29 @@ FIGURE_NOTEBOOKS: tuple[str, ...] = (
 
 
 def figures_dir_for(study: str, figures_root: str | Path | None = None) -> Path:
-    return (Path(figures_root) if figures_root else figures_dir()) / study
+    """``<figures_root>/<study name>``; the root defaults to
+    :func:`biometry.config.study.default_figures_root` (``figures/`` of the checkout for a
+    preset, ``figures/`` beside a user's study file)."""
+    s = load_study(study)
+    return (Path(figures_root) if figures_root else default_figures_root(s)) / s.name
 
 
 def build_figures(study: str, runs_root: str | Path | None = None,
-                  figures_root: str | Path | None = None, progress: bool = True) -> int:
-    """Run the analysis stages (if needed) and every figure notebook; return the failure count."""
-    name = load_study(study).name
-    common = {"study": study, "runs_root": str(runs_root) if runs_root else None}
-    for stage in ("agreement", "feature_space"):
+                  figures_root: str | Path | None = None, progress: bool = True,
+                  analyses: bool = True) -> int:
+    """Run the analysis stages (unless ``analyses=False``: the caller just ran them) and every
+    figure notebook; return the failure count."""
+    loaded = load_study(study)
+    name, study = loaded.name, str(loaded.path)
+    runs_root = Path(runs_root) if runs_root else default_runs_root(loaded)
+    common = {"study": study, "runs_root": str(runs_root)}
+    for stage in ("agreement", "feature_space") if analyses else ():
         # the analyses are cheap next to training: re-run them so the figures match the runs
         res = execute_run(RunSpec(name, stage, dict(common)), runs_root, force=True)
         if res.status == "failed":
             report([res], stream=sys.stderr)
             return 1
-    out_dir = figures_dir_for(name, figures_root)
+    out_dir = figures_dir_for(study, figures_root)
     specs = [RunSpec(name, "figures", {**common, "out_dir": str(out_dir)}, field=nb,
                      notebook=f"{nb}.ipynb") for nb in FIGURE_NOTEBOOKS]
     # figures are cheap and must reflect the current analysis outputs: always rebuild them
@@ -58,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="biometry figures", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", default="demo", help="preset name or study YAML (default demo)")
-    ap.add_argument("--runs-root", help="root of run folders (default papermill_runs/)")
-    ap.add_argument("--figures-root", help="root of figure outputs (default figures/)")
+    ap.add_argument("--runs-root", help="root of run folders (default: papermill_runs/ of the "
+                    "checkout for a preset, papermill_runs/ beside a study YAML of your own)")
+    ap.add_argument("--figures-root", help="root of figure outputs (default: figures/ of the "
+                    "checkout for a preset, figures/ beside a study YAML of your own)")
     a = ap.parse_args(argv)
     try:
         return 1 if build_figures(a.study, a.runs_root, a.figures_root) else 0
@@ -70,4 +79,5 @@ def main(argv: list[str] | None = None) -> int:
 
 def stage_dir(study: str, stage: str, runs_root: str | Path | None = None) -> Path:
     """The run folder of a study-wide stage (``agreement``, ``feature_space``)."""
-    return run_dir_for(RunSpec(load_study(study).name, stage), runs_root)
+    s = load_study(study)
+    return run_dir_for(RunSpec(s.name, stage), runs_root or default_runs_root(s))

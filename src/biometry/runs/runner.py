@@ -10,12 +10,21 @@ and holds the executed notebook, ``params.yaml``, ``provenance.json`` and the st
 plain files. A run is *finished* when ``done.json`` exists (written atomically after the notebook
 succeeded); a failed run leaves ``failed.json`` with the error and the executed notebook that shows
 it.
+
+**Run identity.** A spec may carry ``identity``: the resolved inputs that define its result (the
+training settings, the fields, a hash of the split file, of the prepared subject index and of the
+fields table; see :mod:`biometry.runs.pipeline`). It is stored in ``done.json`` and
+``params.yaml``; a finished run counts as finished only for the same identity
+(:func:`changed_inputs` names what differs). :func:`execute_run` redoes a run whose identity
+changed; the training batch refuses to start instead (see ``biometry run --help``).
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import importlib.metadata as md
+import json
 import os
 import platform
 import socket
@@ -23,6 +32,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +68,8 @@ class RunSpec:
     field: str | None = None
     fold: int | None = None
     notebook: str | None = None  # defaults to STAGES[stage]
+    #: the resolved inputs that define the result (plain JSON types); None: not tracked
+    identity: dict[str, Any] | None = dc_field(default=None, hash=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -90,8 +102,66 @@ def run_dir_for(spec: RunSpec, root: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def is_finished(run_dir: str | os.PathLike) -> bool:
-    return (Path(run_dir) / DONE).is_file()
+def is_finished(run_dir: str | os.PathLike, identity: dict[str, Any] | None = None) -> bool:
+    """``done.json`` exists and, when ``identity`` is given, was written for those inputs."""
+    done = Path(run_dir) / DONE
+    if not done.is_file():
+        return False
+    return identity is None or not changed_inputs(run_dir, identity)
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+    """sha256 of the identity's canonical JSON (sorted keys)."""
+    text = json.dumps(identity, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_hash(path: str | os.PathLike) -> str | None:
+    """sha256 of a file's bytes (None when it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def stored_identity(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The identity recorded in a finished run's ``done.json`` (None: none recorded)."""
+    try:
+        return json.loads((Path(run_dir) / DONE).read_text()).get("identity")
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def changed_inputs(run_dir: str | os.PathLike, identity: dict[str, Any]) -> list[str]:
+    """What differs between a finished run's recorded inputs and ``identity``, as short phrases
+    (``"training.lr: 0.001 -> 0.0005"``); empty when they agree."""
+    old = stored_identity(run_dir)
+    if old is None:
+        return ["no recorded inputs (made by an older version)"]
+    if identity_hash(old) == identity_hash(identity):
+        return []
+    a, b = _flatten(old), _flatten(identity)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            va, vb = a.get(key, "(absent)"), b.get(key, "(absent)")
+            if isinstance(va, str) and len(va) == 64:  # hashes: say only that they differ
+                va, vb = "old", "new"
+            out.append(f"{key}: {va} -> {vb}")
+    return out or ["inputs differ"]
 
 
 def provenance() -> dict[str, Any]:
@@ -132,9 +202,10 @@ def _git(*args: str) -> str | None:
 
 def execute_run(spec: RunSpec, root: str | os.PathLike | None = None, force: bool = False,
                 cwd: str | os.PathLike | None = None) -> RunResult:
-    """Execute one run unless it is finished; never raises for a notebook error."""
+    """Execute one run unless it is finished (for ``spec.identity``); never raises for a notebook
+    error. A finished run whose recorded identity differs is redone."""
     run_dir = run_dir_for(spec, root)
-    if is_finished(run_dir) and not force:
+    if is_finished(run_dir, spec.identity) and not force:
         return RunResult(spec, "skipped", run_dir, notebook=run_dir / (spec.notebook or STAGES.get(spec.stage, "")))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED).unlink(missing_ok=True)
@@ -144,7 +215,7 @@ def execute_run(spec: RunSpec, root: str | os.PathLike | None = None, force: boo
     params = {**spec.parameters, "run_dir": str(run_dir)}
     fileio.write_text(run_dir / "params.yaml", yaml.safe_dump(
         {"study": spec.study, "stage": spec.stage, "field": spec.field, "fold": spec.fold,
-         "notebook": nb_name, "parameters": params}, sort_keys=True))
+         "notebook": nb_name, "parameters": params, "identity": spec.identity}, sort_keys=True))
     fileio.write_json(run_dir / "provenance.json", provenance())
     output = run_dir / nb_name
     start = time.perf_counter()
@@ -163,5 +234,8 @@ def execute_run(spec: RunSpec, root: str | os.PathLike | None = None, force: boo
                                          "seconds": seconds})
         return RunResult(spec, "failed", run_dir, output, message, seconds)
     seconds = time.perf_counter() - start
-    fileio.write_json(run_dir / DONE, {"seconds": round(seconds, 3), "notebook": nb_name})
+    done = {"seconds": round(seconds, 3), "notebook": nb_name}
+    if spec.identity is not None:
+        done.update(identity=spec.identity, identity_hash=identity_hash(spec.identity))
+    fileio.write_json(run_dir / DONE, done)
     return RunResult(spec, "done", run_dir, output, None, seconds)

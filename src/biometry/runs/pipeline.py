@@ -1,0 +1,385 @@
+"""A study's stages in order, one table: ``biometry run <stage>`` and ``biometry study run``.
+
+:data:`PIPELINE` lists the stages that follow data preparation. Each entry says which notebook
+runs, how often (``scope``), and which stages' runs it reads (``needs``):
+
+* ``"network"``: one run per network and fold (``train``: a field, or a multi-field network);
+* ``"field"``: one run per field of the study (``evaluate``);
+* ``"study"``: one run for the study (``agreement``, ``feature-space``);
+* ``"figures"``: every figure notebook of :data:`biometry.runs.figures.FIGURE_NOTEBOOKS`.
+
+Adding a stage is one :class:`Stage` entry here; its notebook takes the standard parameters
+``study``, ``runs_root``, ``data_dir``, ``run_dir`` (and ``field`` for a per-field stage).
+
+**Identity.** Every run carries the resolved inputs that define it (:func:`train_identity`,
+:func:`derived_identity`), stored in ``done.json``. A training run whose inputs changed (``lr``,
+``iterations``, the fields, the splits, the prepared subjects, the fields table) stops the batch
+before any work, naming the run and what changed: training is expensive, and its old result is
+only replaced on request (``--redo-changed``, or ``--force`` for everything). A run of a later
+stage whose inputs changed (because training was redone, or the study changed) is simply redone:
+it is cheap and must follow its inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from biometry.config.study import (
+    Study,
+    data_paths,
+    default_runs_root,
+    new_study,
+    resolve_study,
+)
+from biometry.learn.cv import check_training_inputs, load_targets
+from biometry.runs.batch import report, run_batch, study_train_specs
+from biometry.runs.figures import build_figures
+from biometry.runs.runner import (
+    RunResult,
+    RunSpec,
+    changed_inputs,
+    execute_run,
+    file_hash,
+    identity_hash,
+    is_finished,
+    run_dir_for,
+    stored_identity,
+)
+
+SCOPES = ("network", "field", "study", "figures")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a study: its name on the command line, notebook, scope and needs."""
+
+    name: str
+    notebook: str | None  # in notebooks/; None for the figures, built by biometry.runs.figures
+    scope: str
+    needs: tuple[str, ...] = ()
+    help: str = ""
+
+    @property
+    def folder(self) -> str:
+        """The run-folder name: ``papermill_runs/<study>/<folder>/``."""
+        return self.name.replace("-", "_")
+
+
+#: the stages after `biometry prepare`, in the order `biometry study run` executes them
+PIPELINE: tuple[Stage, ...] = (
+    Stage("train", "02_train.ipynb", "network", (),
+          "train the study's networks, one run per network and fold"),
+    Stage("evaluate", "03_evaluate_field.ipynb", "field", ("train",),
+          "per field: metrics, linear baseline, AUC at the field's threshold, outliers"),
+    Stage("agreement", "04_agreement.ipynb", "study", ("train",),
+          "tables across fields: Table 1, DXA vs MRI, bilateral symmetry"),
+    Stage("feature-space", "05_feature_space.ipynb", "study", (),
+          "UMAP of the study's reference fields"),
+    Stage("figures", None, "figures", ("agreement", "feature-space"),
+          "every figure and table notebook"),
+)
+
+
+class StageError(RuntimeError):
+    """A stage that cannot start (missing or stale inputs); the message is one line."""
+
+
+class RunsFailed(StageError):
+    """Some runs of a stage failed (each reported with its notebook)."""
+
+
+def stage(name: str) -> Stage:
+    for s in PIPELINE:
+        if s.name == name or s.folder == name:
+            return s
+    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(s.name for s in PIPELINE)}")
+
+
+# ------------------------------------------------------------------------------------ identity
+
+
+def data_identity(study: Study, data_dir=None, runs_root=None) -> dict[str, Any]:
+    """Hashes of what a study's runs read: the split file, the prepared subject index, the
+    fields table."""
+    paths = data_paths(study, data_dir, runs_root)
+    return {"splits": file_hash(paths.splits),
+            "prepared_subjects": file_hash(Path(paths.prepared) / "subjects.csv"),
+            "fields_csv": file_hash(paths.fields_csv)}
+
+
+def train_identity(study: Study, unit: str, fold: int, data: dict[str, Any],
+                   fields: Sequence[str] | None = None) -> dict[str, Any]:
+    """The inputs of one training run: resolved settings, its fields, fold, data hashes."""
+    keys = list(fields) if fields else (list(study.fields) if study.multi_field else [unit])
+    return {"study": study.name, "network": unit, "fold": int(fold), "fields": keys,
+            "study_fields": list(study.fields), "format": study.format, "folds": study.folds,
+            "split_seed": study.split_seed, "training": study.training.to_dict(), **data}
+
+
+def derived_identity(study: Study, st: Stage, upstream: list[RunSpec], root: Path,
+                     data: dict[str, Any], field: str | None = None) -> dict[str, Any]:
+    """The inputs of a later stage: the study definition, the data, and the identities of the
+    runs it reads."""
+    hashes = []
+    for spec in upstream:
+        old = stored_identity(run_dir_for(spec, root))
+        hashes.append(identity_hash(old) if old is not None else None)
+    return {"stage": st.name, "field": field, "study": study.to_dict(),
+            "fields_csv": data.get("fields_csv"), "upstream": hashes}
+
+
+# --------------------------------------------------------------------------------- the specs
+
+
+def stage_specs(study: Study, st: Stage, root: Path, data_dir=None,
+                fields: Sequence[str] | None = None, folds: Sequence[int] | None = None,
+                with_identity: bool = True) -> list[RunSpec]:
+    """The runs of one stage of ``study`` (figures: none, they are built by ``build_figures``)."""
+    common: dict[str, Any] = {"study": str(study.path), "runs_root": str(root)}
+    if data_dir:
+        common["data_dir"] = str(data_dir)
+    data = data_identity(study, data_dir, root) if with_identity else {}
+    if st.scope == "network":
+        specs = study_train_specs(study, fields, folds, extra={k: v for k, v in common.items()
+                                                                if k != "study"})
+        out = []
+        for s in specs:
+            ident = (train_identity(study, s.field, s.fold, data, s.parameters.get("fields"))
+                     if with_identity else None)
+            out.append(RunSpec(s.study, st.folder, s.parameters, field=s.field, fold=s.fold,
+                               notebook=st.notebook, identity=ident))
+        return out
+    if st.scope == "figures":
+        return []
+    upstream = [u for need in st.needs for u in stage_specs(study, stage(need), root, data_dir,
+                                                            with_identity=False)]
+    if st.scope == "field":
+        keys = list(fields) if fields else list(study.fields)
+        return [RunSpec(study.name, st.folder, {**common, "field": k}, field=k,
+                        notebook=st.notebook,
+                        identity=derived_identity(study, st, upstream, root, data, k)
+                        if with_identity else None) for k in keys]
+    if st.scope == "study":
+        return [RunSpec(study.name, st.folder, dict(common), notebook=st.notebook,
+                        identity=derived_identity(study, st, upstream, root, data)
+                        if with_identity else None)]
+    raise ValueError(f"stage {st.name}: unknown scope {st.scope!r}; use one of {SCOPES}")
+
+
+# --------------------------------------------------------------------------- checks before work
+
+
+def prepare_splits(study: Study, data_dir=None, runs_root=None) -> None:
+    """Write the study's ``splits.csv`` once, before any run is dispatched (parallel runs must
+    not race to create it), and report a field with too few labelled subjects in a fold."""
+    _store, _eids, targets, splits = load_targets(study, list(study.fields), data_dir, runs_root)
+    fold_of = splits.set_index("eid")["fold"].reindex([str(e) for e in _eids]).to_numpy()
+    low = []
+    for j, key in enumerate(study.fields):
+        labelled = ~np.isnan(targets[:, j])
+        counts = [int(np.sum(labelled & (fold_of == k))) for k in range(study.folds)]
+        if min(counts) < study.min_labelled_per_fold:
+            low.append(f"{key} (per fold: {counts})")
+    if low:
+        raise StageError(f"{study.name}: too few labelled subjects in a validation fold (need "
+                         f"{study.min_labelled_per_fold}): {'; '.join(low)}")
+
+
+def stale_training(specs: Sequence[RunSpec], root: Path) -> list[tuple[RunSpec, list[str]]]:
+    """Finished training runs whose recorded inputs differ from the specs'."""
+    out = []
+    for s in specs:
+        run_dir = run_dir_for(s, root)
+        if is_finished(run_dir) and s.identity is not None:
+            changes = changed_inputs(run_dir, s.identity)
+            if changes:
+                out.append((s, changes))
+    return out
+
+
+def stale_message(stale: list[tuple[RunSpec, list[str]]], study: Study) -> str:
+    spec, changes = stale[0]
+    more = f" (and {len(stale) - 1} more run(s))" if len(stale) > 1 else ""
+    return (f"run {spec.label}{more} finished with other inputs ({'; '.join(changes[:3])}); "
+            f"pass --redo-changed to retrain them, or give the study another name (or "
+            f"--runs-root) to keep the old runs")
+
+
+def check_needs(study: Study, st: Stage, root: Path, data_dir=None) -> None:
+    """Every run of the stages that ``st`` reads is finished and current, else one line."""
+    for need in st.needs:
+        dep = stage(need)
+        if dep.scope == "figures":
+            continue
+        specs = stage_specs(study, dep, root, data_dir)
+        missing = [s.label for s in specs if not is_finished(run_dir_for(s, root), s.identity)]
+        if missing:
+            raise StageError(f"stage {st.name} needs finished, current {dep.name} runs; missing "
+                             f"or out of date: {', '.join(missing[:6])}"
+                             f"{' ...' if len(missing) > 6 else ''}; run `biometry run {dep.name} "
+                             f"--study {study.path}` first")
+
+
+# --------------------------------------------------------------------------------- execution
+
+
+def run_stage(study, name: str, runs_root=None, data_dir=None, workers: int = 1,
+              fields: Sequence[str] | None = None, folds: Sequence[int] | None = None,
+              scheduler: str | None = None, force: bool = False, redo_changed: bool = False,
+              figures_root=None, progress: bool = True) -> list[RunResult]:
+    """Run one stage of a study; raises :class:`StageError` before any work when it cannot start.
+
+    Returns the run results (failed runs included); figures return an empty list and raise
+    ``StageError`` when a figure notebook failed.
+    """
+    study = resolve_study(study)
+    root = Path(runs_root) if runs_root else default_runs_root(study)
+    st = stage(name)
+    if st.scope == "figures":
+        check_needs(study, st, root, data_dir)
+        if build_figures(str(study.path), runs_root=root, figures_root=figures_root,
+                         progress=progress, analyses=False):
+            raise RunsFailed("some figure notebooks failed (see above)")
+        return []
+    if st.scope == "network":
+        chosen = stage_specs(study, st, root, data_dir, fields, folds, with_identity=False)
+        check_training_inputs(study, data_dir=data_dir, runs_root=root,
+                              fields=None if study.multi_field else [s.field for s in chosen])
+        prepare_splits(study, data_dir, root)
+    else:
+        check_needs(study, st, root, data_dir)
+    specs = stage_specs(study, st, root, data_dir, fields, folds)
+    if st.scope == "network" and not force and not redo_changed:
+        stale = stale_training(specs, root)
+        if stale:
+            raise StageError(stale_message(stale, study))
+    jobqueue = (study.dispatch or {}).get("jobqueue") if not scheduler and workers > 1 else None
+    if st.scope == "network":
+        return run_batch(specs, root=root, workers=workers, scheduler=scheduler,
+                         jobqueue=jobqueue, force=force, progress=progress)
+    return [execute_run(s, root, force=force) for s in specs]
+
+
+def run_study(study, runs_root=None, data_dir=None, workers: int = 1,
+              stages: Sequence[str] | None = None, scheduler: str | None = None,
+              force: bool = False, redo_changed: bool = False, figures_root=None,
+              progress: bool = True, log=print) -> None:
+    """Every stage of :data:`PIPELINE` (or ``stages``) in order; stops at the first failure."""
+    study = resolve_study(study)
+    chosen = [stage(s).name for s in stages] if stages else [s.name for s in PIPELINE]
+    for st in PIPELINE:
+        if st.name not in chosen:
+            continue
+        log(f"[{study.name}] {st.name} ...")
+        results = run_stage(study, st.name, runs_root, data_dir, workers, scheduler=scheduler,
+                            force=force, redo_changed=redo_changed, figures_root=figures_root,
+                            progress=progress)
+        if results and report(results, stream=sys.stdout):
+            raise RunsFailed(f"stage {st.name} of {study.name}: some runs failed (see above)")
+
+
+# ------------------------------------------------------------------------------------ the CLI
+
+_DEFAULTS_HELP = ("Outputs go to papermill_runs/<study>/ and figures/<study>/: of the checkout for "
+                  "a preset, beside the study YAML for a study file of your own (--runs-root and "
+                  "--figures-root override).")
+_ERRORS = (KeyError, ValueError, FileNotFoundError, StageError)
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
+def _common_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--study", required=True, help="preset name or path to a study YAML")
+    ap.add_argument("--workers", type=int, default=1, help="parallel training runs on a local "
+                    "Dask cluster (default 1)")
+    ap.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
+    ap.add_argument("--runs-root", help="folder of run outputs (default: see above)")
+    ap.add_argument("--figures-root", help="folder of figures (default: see above)")
+    ap.add_argument("--data-dir", help="a folder with fields.csv and prepared/ (default: the "
+                    "study's data paths)")
+    ap.add_argument("--redo-changed", action="store_true",
+                    help="retrain finished runs whose inputs changed (default: stop and say so)")
+    ap.add_argument("--force", action="store_true", help="redo every run, finished or not")
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    """``biometry run <stage>``."""
+    ap = argparse.ArgumentParser(
+        prog="biometry run",
+        description="Execute one stage of a study: "
+                    + "; ".join(f"{s.name}: {s.help}" for s in PIPELINE)
+                    + ". Finished runs with the same inputs are skipped; a training run whose "
+                    "inputs changed stops the batch before any work. Exit status 1 if any run "
+                    "failed, 2 if the stage could not start. " + _DEFAULTS_HELP)
+    ap.add_argument("stage", choices=[s.name for s in PIPELINE], help="the stage to run")
+    _common_arguments(ap)
+    ap.add_argument("--fields", nargs="*", help="field keys (default: all of the study)")
+    ap.add_argument("--folds", nargs="*", type=int, help="fold indices (train; default: all)")
+    a = ap.parse_args(argv)
+    try:
+        results = run_stage(a.study, a.stage, a.runs_root, a.data_dir, a.workers, a.fields,
+                            a.folds, a.scheduler, a.force, a.redo_changed, a.figures_root)
+    except RunsFailed as exc:
+        print(f"biometry run: {exc}", file=sys.stderr)
+        return 1
+    except _ERRORS as exc:
+        print(f"biometry run: error: {_message(exc)}", file=sys.stderr)
+        return 2
+    return 1 if results and report(results) else 0
+
+
+def study_main(argv: list[str] | None = None) -> int:
+    """``biometry study new|run``."""
+    ap = argparse.ArgumentParser(prog="biometry study", description="Start a study of your "
+                                 "own from a preset, or run every stage of a study.")
+    sub = ap.add_subparsers(dest="action", required=True)
+    new = sub.add_parser("new", help="write a study YAML for your data from a preset",
+                         description="Write <name>.yaml (in --out, default the current folder) "
+                         "from a preset, pointing at your fields table and prepared store with "
+                         "paths relative to the new file's folder.")
+    new.add_argument("name", help="the study's name (also the file name)")
+    new.add_argument("--from", dest="preset", required=True, help="the preset to start from")
+    new.add_argument("--fields-csv", required=True, help="the release's fields table")
+    new.add_argument("--prepared", required=True, help="the store written by biometry prepare")
+    new.add_argument("--fields", nargs="*", help="field keys (default: the preset's)")
+    new.add_argument("--iterations", type=int, help="training iterations (lr_steps scale along)")
+    new.add_argument("--folds", type=int, help="k of the k-fold cross-validation")
+    new.add_argument("--out", default=".", help="folder of the new YAML (default: here)")
+    new.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    run = sub.add_parser("run", help="run every stage of a study in order",
+                         description="Run " + " -> ".join(s.name for s in PIPELINE)
+                         + " for a study (its data prepared with `biometry prepare`). "
+                         + _DEFAULTS_HELP)
+    _common_arguments(run)
+    run.add_argument("--stages", nargs="*", choices=[s.name for s in PIPELINE],
+                     help="only these stages (default: all, in order)")
+    a = ap.parse_args(argv)
+    prog = f"biometry study {a.action}"
+    try:
+        if a.action == "new":
+            path = new_study(a.name, a.preset, a.fields_csv, a.prepared, out_dir=a.out,
+                             fields=a.fields, iterations=a.iterations, folds=a.folds,
+                             overwrite=a.overwrite)
+            print(f"wrote {path}\nnext: biometry study run --study {path}")
+            return 0
+        run_study(a.study, a.runs_root, a.data_dir, a.workers, a.stages, a.scheduler, a.force,
+                  a.redo_changed, a.figures_root)
+    except RunsFailed as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except _ERRORS as exc:
+        print(f"{prog}: error: {_message(exc)}", file=sys.stderr)
+        return 2
+    study = resolve_study(a.study)
+    root = Path(a.runs_root) if a.runs_root else default_runs_root(study)
+    print(f"[{study.name}] runs in {root / study.name}")
+    return 0
