@@ -18,19 +18,19 @@ from biometry.analysis.agreement import (
     outliers,
 )
 from biometry.analysis.embedding import feature_space
-from biometry.analysis.results import field_metrics, load_predictions
-from biometry.analysis.stats import BASELINE_COVARIATES, agreement, classification, linear_baseline
+from biometry.analysis.results import (
+    THRESHOLDS,
+    field_metrics,
+    fitted_metrics,
+    load_predictions,
+    thresholded_metrics,
+)
+from biometry.analysis.stats import BASELINE_COVARIATES, classification_run, linear_baseline
 from biometry.config import fields
 from biometry.config.study import data_paths, default_runs_root, resolve_study
 from biometry.data.tables import covariates_from_fields_csv, references_from_fields_csv
 
-#: thresholded fields: key -> (threshold in catalogue units, label)
-THRESHOLDS: dict[str, tuple[float, str]] = {
-    "31": (0.5, "sex (male = 1)"),
-    "22402": (5.5, "liver fat > 5.5 % (NAFLD)"),
-    "22436": (5.5, "liver fat > 5.5 % (NAFLD)"),
-    "2443": (0.5, "diabetes"),
-}
+__all__ = ["THRESHOLDS"]  # re-exported: the thresholds live in analysis.results
 #: a target that is itself a covariate is predicted from the other three
 _COVARIATE_OF = {"age": "age", "31": "sex", "12144": "height", "21002": "weight"}
 
@@ -41,9 +41,34 @@ def study_dir(study, runs_root: str | Path | None = None) -> Path:
     return (Path(runs_root) if runs_root else default_runs_root(study)) / study.name
 
 
+def training_run_dirs(study, runs_root=None) -> list[Path]:
+    """The training run folders of the current study definition:
+    ``<study_dir>/train/<network or field>/fold_<k>`` for its networks and ``train_folds``."""
+    study = resolve_study(study)
+    units = [study.network_name] if study.multi_field else list(study.fields)
+    base = study_dir(study, runs_root) / "train"
+    return [base / u / f"fold_{k}" for u in units for k in study.train_folds]
+
+
 def study_predictions(study, runs_root=None) -> pd.DataFrame:
-    """Every out-of-fold prediction of the study's training runs (long format)."""
-    return load_predictions(study_dir(study, runs_root))
+    """The out-of-fold predictions of the study's current training runs (long format).
+
+    Reads only the runs of the current definition (not a dropped field's or an old layout's),
+    and only the study's fields. Raises ``FileNotFoundError`` naming the runs that are not
+    finished: a missing fold would silently shrink N.
+    """
+    study = resolve_study(study)
+    runs = training_run_dirs(study, runs_root)
+    missing = [r for r in runs if not (r / "done.json").is_file()
+               or not (r / "predictions.csv").is_file()]
+    if missing:
+        root = study_dir(study, runs_root)
+        names = ", ".join(str(r.relative_to(root)) for r in missing[:6])
+        raise FileNotFoundError(f"study {study.name!r}: {len(missing)} of {len(runs)} training "
+                                f"run(s) not finished ({names}{' ...' if len(missing) > 6 else ''} "
+                                f"under {root}); run `biometry run train --study {study.path}`")
+    pred = load_predictions(study_dir(study, runs_root), [r / "predictions.csv" for r in runs])
+    return pred[pred["field"].isin(study.fields)].reset_index(drop=True)
 
 
 def baseline_predictions(study, key: str, runs_root=None, data_dir=None) -> pd.Series:
@@ -74,20 +99,26 @@ def evaluate_field(study, key: str, out_dir: str | Path, runs_root=None, data_di
     if pred.empty:
         raise ValueError(f"field {key}: no predictions in the runs of study {study.name!r}")
     result: dict = {"field": str(key), "name": fields.get(key).name, "unit": fields.get(key).unit,
-                    "network": agreement(pred["reference"], pred["prediction"])}
+                    "head": study.training.head}
+    if study.training.head == "classification":
+        # a classification network: accuracy, balanced accuracy, AUC, class counts, never R²
+        result["network"] = classification_run(pred["reference"], pred["prediction"])
+        fileio.write_json(out_dir / "metrics.json", result)
+        fileio.write_csv(out_dir / "outliers.csv", outliers(pred, str(key), n=10))
+        return result
+    result["network"] = fitted_metrics(key, pred["reference"], pred["prediction"])
     try:
         base = baseline_predictions(study, key, runs_root, data_dir).dropna()
         ref = pred.set_index("eid")["reference"]
         common = ref.index.intersection(base.index)
-        result["baseline"] = agreement(ref.loc[common], base.loc[common])
+        result["baseline"] = fitted_metrics(key, ref.loc[common], base.loc[common])
     except (FileNotFoundError, ValueError, KeyError) as exc:
         result["baseline"] = None
         result["baseline_error"] = str(exc)
     if str(key) in THRESHOLDS:
-        thr, label = THRESHOLDS[str(key)]
-        result["classification"] = {"threshold": thr, "label": label,
-                                    **classification(pred["reference"] > thr, pred["prediction"],
-                                                     thr)}
+        result["classification"] = {"label": THRESHOLDS[str(key)][1],
+                                    **thresholded_metrics(key, pred["reference"],
+                                                          pred["prediction"])}
     fileio.write_json(out_dir / "metrics.json", result)
     fileio.write_csv(out_dir / "outliers.csv", outliers(pred, str(key), n=10))
     return result
@@ -113,7 +144,10 @@ def study_references(study, runs_root=None, data_dir=None, keys=None) -> pd.Data
 def agreement_tables(study, out_dir: str | Path, runs_root=None, data_dir=None) -> dict:
     """The paper's tables across fields, written as CSV and Markdown into ``out_dir``.
 
-    * ``table1_field_metrics``: per field R², MAE, MAPE, LoA, ICC, r, n (Table 1 / Supp. Table 1);
+    * ``table1_field_metrics``: per field R², MAE, MAPE (where meaningful), LoA, ICC, r, n and the
+      linear baseline's R² and MAE beside them; thresholded fields also AUC, accuracy,
+      sensitivity, specificity (Table 1 / Supp. Table 1); a classification study its own
+      columns (:func:`biometry.analysis.results.field_metrics`);
     * ``table2_method_comparison``: DXA vs MRI atlas (and the two liver-fat methods), each fitted
       to the other by linear regression in both directions, with the LoA of the fit;
     * ``table2b_loa_ratio``: that LoA width over the network's LoA width per field;
@@ -123,14 +157,26 @@ def agreement_tables(study, out_dir: str | Path, runs_root=None, data_dir=None) 
     out_dir = Path(out_dir)
     preds = study_predictions(study, runs_root)
     refs = study_references(study, runs_root, data_dir)
-    tables = {"table1_field_metrics": field_metrics(preds)}
+    head = study.training.head
+    baselines = {}
+    if head != "classification":
+        for key in sorted(set(preds["field"])):
+            try:
+                baselines[key] = baseline_predictions(study, key, runs_root, data_dir)
+            except (FileNotFoundError, ValueError, KeyError):
+                continue  # no covariates for this field: Table 1 leaves its baseline empty
+    tables = {"table1_field_metrics": field_metrics(preds, head=head, baselines=baselines)}
     mc = method_comparison(refs)
     tables["table2_method_comparison"] = mc
-    tables["table2b_loa_ratio"] = loa_ratio(mc, tables["table1_field_metrics"])
+    table1 = tables["table1_field_metrics"]
+    if head == "classification":  # no limits of agreement for a classifier's probabilities
+        table1 = pd.DataFrame(columns=["field", "loa_low", "loa_high"])
+    tables["table2b_loa_ratio"] = loa_ratio(mc, table1)
     tables["stable5_bilateral_symmetry"] = bilateral_symmetry(refs, preds)
     for name, table in tables.items():
         fileio.write_table(table, out_dir / name)
-    summary = {"median_r2": float(tables["table1_field_metrics"]["r2"].median()),
+    main = "r2" if head != "classification" else "balanced_accuracy"
+    summary = {f"median_{main}": float(tables["table1_field_metrics"][main].median()),
                "n_fields": int(len(tables["table1_field_metrics"])),
                "mean_loa_ratio": tables["table2b_loa_ratio"].attrs.get("mean_ratio")}
     fileio.write_json(out_dir / "metrics.json", summary)

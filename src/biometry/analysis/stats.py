@@ -20,7 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats as _sps
-from sklearn.metrics import mean_absolute_error, r2_score, roc_auc_score
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    mean_absolute_error,
+    r2_score,
+    roc_auc_score,
+)
 
 ICC_KINDS = ("ICC(1,1)", "ICC(2,1)", "ICC(3,1)")
 MIN_PAIRS = 3
@@ -292,6 +297,59 @@ def classification(reference, score, threshold: float,
         "sensitivity": float(np.sum(y & yhat) / n_pos),
         "specificity": float(np.sum(~y & ~yhat) / n_neg),
         "auc": float(roc_auc_score(y, sc)),
+    }
+
+
+def mape_meaningful(reference, min_ratio: float = 0.1) -> bool:
+    """Whether a mean absolute percentage error means something for this reference.
+
+    MAPE divides by the reference, so it is only reported where the reference is bounded away
+    from zero: more than two distinct values (not a 0/1 label), all of one sign, and the 5th
+    percentile of |reference| at least ``min_ratio`` times its median. A field given in percent
+    (a fat fraction near 0 %) is excluded by the caller (:mod:`biometry.analysis.results`).
+    """
+    ref = np.asarray(reference, dtype=float)
+    ref = ref[np.isfinite(ref)]
+    if ref.size < 3 or np.unique(ref).size <= 2:
+        return False
+    if not ((ref > 0).all() or (ref < 0).all()):
+        return False
+    mag = np.abs(ref)
+    return bool(np.percentile(mag, 5) >= min_ratio * np.median(mag))
+
+
+def classification_run(labels, prediction, nan_policy: str = "raise") -> dict[str, float | str]:
+    """Scores of a classification network (``head: classification``), never R².
+
+    Parameters
+    ----------
+    labels : array_like, shape (n,)
+        The reference class labels 0..K-1.
+    prediction : array_like, shape (n,)
+        For two classes the probability of class 1 (as ``predictions.csv`` holds it: the class is
+        ``p > 0.5``), for more classes the predicted class index.
+
+    Returns
+    -------
+    dict
+        ``n``, ``n_classes``, ``class_counts`` (``"0:12 1:9"``), ``accuracy``,
+        ``balanced_accuracy`` (mean per-class recall), ``auc`` (two classes only, else NaN) and
+        ``baseline_accuracy``: always guessing the larger class.
+    """
+    y, p = _paired(labels, prediction, nan_policy, "labelled predictions")
+    y = y.astype(int)
+    classes, counts = np.unique(y, return_counts=True)
+    binary = set(classes.tolist()) <= {0, 1}
+    predicted = (p > 0.5).astype(int) if binary else np.rint(p).astype(int)
+    auc = float(roc_auc_score(y, p)) if binary and classes.size == 2 else float("nan")
+    return {
+        "n": int(y.size),
+        "n_classes": int(classes.size),
+        "class_counts": " ".join(f"{c}:{n}" for c, n in zip(classes, counts, strict=True)),
+        "accuracy": float(np.mean(predicted == y)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
+        "auc": auc,
+        "baseline_accuracy": float(counts.max() / y.size),
     }
 
 
