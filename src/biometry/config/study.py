@@ -11,6 +11,8 @@ A study file holds::
     folds: 7                           # k of the k-fold split
     train_folds: null                  # folds to train (default: all; thigh2024 trains fold 0)
     split_seed: 0
+    stratify: null                     # null | sex | a field key: StratifiedGroupKFold on it
+                                       # (a continuous field in quintiles); see learn.splits
     calibration: false                 # post-hoc variance calibration (mean_variance studies)
     min_labelled_per_fold: 2           # a field needs folds * this many labelled subjects
     training: {...}                    # biometry.learn.trainer.TrainConfig fields
@@ -39,7 +41,7 @@ from biometry.config.training import TrainConfig
 
 _TOP_KEYS = {"name", "description", "data", "format", "fields", "multi_field", "folds",
              "train_folds", "split_seed", "calibration", "min_labelled_per_fold", "training",
-             "dispatch", "network_name"}
+             "dispatch", "network_name", "stratify"}
 _REQUIRED = {"name", "data", "format", "fields", "folds", "training"}
 
 
@@ -70,6 +72,9 @@ class Study:
     #: run-folder name of the one network of a multi-field study
     #: (``papermill_runs/<study>/train/<network_name>/fold_<k>/``)
     network_name: str = "all"
+    #: None, or the field key whose value (sex: "31"; a continuous field: its quintile) the folds
+    #: are stratified by
+    stratify: str | None = None
 
     @property
     def formats_needed(self) -> tuple[str, ...]:
@@ -120,7 +125,7 @@ class Study:
                 "calibration": self.calibration,
                 "min_labelled_per_fold": self.min_labelled_per_fold,
                 "training": self.training.to_dict(), "dispatch": dict(self.dispatch),
-                "network_name": self.network_name}
+                "network_name": self.network_name, "stratify": self.stratify}
 
 
 def check_lr_steps(training: TrainConfig, where: str = "training") -> None:
@@ -237,8 +242,15 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
     data = dict(raw["data"] or {})
     if data.get("source") not in ("phantom", "ukb"):
         raise StudyError(f"{where}: data.source must be 'phantom' or 'ukb'")
+    stratify = raw.get("stratify")
+    if stratify is not None:
+        stratify = "31" if str(stratify) == "sex" else str(stratify)
+        try:
+            fieldcat.validate([stratify])
+        except KeyError as exc:
+            raise StudyError(f"{where}: stratify: {exc.args[0]}") from exc
     return Study(
-        name=name, description=str(raw.get("description", "")).strip(),
+        stratify=stratify, name=name, description=str(raw.get("description", "")).strip(),
         data=data, format=fmt, fields=tuple(keys), multi_field=multi,
         folds=folds, train_folds=train_folds, split_seed=int(raw.get("split_seed", 0)),
         calibration=bool(raw.get("calibration", False)),

@@ -163,12 +163,8 @@ def load_stations(subject_dir: str | os.PathLike, n_stations: int | None = 6) ->
             paths[channel] = p
         water, aff_w = read_nifti(paths["water"])
         fat, aff_f = read_nifti(paths["fat"])
-        if water.shape != fat.shape:
-            raise InputError(f"{paths['fat']}: fat shape {fat.shape} differs from water shape "
-                             f"{water.shape} ({paths['water'].name})")
-        if not np.allclose(aff_w, aff_f, atol=1e-3):
-            raise InputError(f"{paths['fat']}: fat affine differs from water affine "
-                             f"({paths['water'].name}): {aff_f.tolist()} vs {aff_w.tolist()}")
+        if water.shape != fat.shape or not np.allclose(aff_w, aff_f, atol=1e-3):
+            water, fat, aff_w = _same_grid(water, aff_w, fat, aff_f, paths)
         stations.append(Station(index=k, water=water, fat=fat, affine=aff_w,
                                 meta={"paths": [str(paths["water"]), str(paths["fat"])]}))
     return stations
@@ -216,6 +212,21 @@ def save_stations(stations: list[Station], subject_dir: str | os.PathLike, *,
 # --------------------------------------------------------------------------------------------
 # orientation
 # --------------------------------------------------------------------------------------------
+
+def _same_grid(water: np.ndarray, aff_w: np.ndarray, fat: np.ndarray, aff_f: np.ndarray,
+               paths: dict[str, Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Water and fat written in different axis orders or directions: each is reoriented on its
+    own (:func:`to_lps`); accepted, in LPS order, when both then describe the same grid in world
+    space, else an ``InputError`` naming both files."""
+    w, a_w = to_lps(water, aff_w)
+    f, a_f = to_lps(fat, aff_f)
+    if w.shape != f.shape or not np.allclose(a_w, a_f, atol=1e-3):
+        raise InputError(f"{paths['fat']} and {paths['water']}: water and fat grids differ in "
+                         f"world space (shapes {water.shape} and {fat.shape} in file order, "
+                         f"{w.shape} and {f.shape} reoriented; affines {aff_w.tolist()} and "
+                         f"{aff_f.tolist()})")
+    return w, f, a_w
+
 
 def to_lps(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Permute/flip a 3-D array into LPS index order (exact; returns a view).

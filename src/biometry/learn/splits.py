@@ -6,6 +6,16 @@ be compared subject by subject. Repeat visits of one subject (e.g. the imaging v
 and the repeat imaging visit, instance 3, stored under different image ids) are kept in one fold by
 giving them the same ``group``.
 
+Repeat visits arrive from ``biometry prepare`` as ``<eid>`` (instance 2) and ``<eid>-<instance>``
+(other instances): when no groups are given, :func:`visit_groups` groups them by the part before
+the ``-``, so one person's scans never straddle folds.
+
+Stratification (optional): ``strata`` (e.g. sex, or a binned target) makes the folds keep each
+stratum's share, with :class:`sklearn.model_selection.StratifiedGroupKFold` (groups still kept
+whole). How the file was made is recorded in a sidecar ``splits.json`` (method, folds, seed,
+grouping, stratification); a caller that asks for another stratification of an existing file gets
+an error naming it.
+
 Extension policy: :func:`load_or_create_splits` never re-assigns a subject. When the study gains
 subjects that are not in the file, it raises unless ``extend=True``, in which case the new subjects
 (whole groups) are appended, each to the currently smallest fold, in a seeded order; the existing
@@ -14,14 +24,26 @@ rows are kept byte for byte.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
 
 from biometry import fileio
+
+
+def visit_groups(eids: Sequence) -> list[str]:
+    """The subject of each store key: ``"1234567-3"`` (a repeat visit) -> ``"1234567"``."""
+    return [str(e).split("-", 1)[0] for e in eids]
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """``splits.json`` beside ``splits.csv``: how the assignment was made."""
+    return Path(path).with_suffix(".json")
 
 
 def _as_str_list(eids: Sequence, what: str = "eids") -> list[str]:
@@ -48,7 +70,7 @@ def _assign(group_sizes: np.ndarray, fold_sizes: np.ndarray, order: np.ndarray) 
 
 
 def make_splits(eids: Sequence, n_folds: int, seed: int,
-                groups: Sequence | None = None) -> pd.DataFrame:
+                groups: Sequence | None = None, strata: Sequence | None = None) -> pd.DataFrame:
     """Assign subjects to ``n_folds`` folds, seeded, balanced, never splitting a group.
 
     Parameters
@@ -58,6 +80,9 @@ def make_splits(eids: Sequence, n_folds: int, seed: int,
     seed : seed of the random assignment.
     groups : optional (N,) group label per eid (e.g. the subject's eid for each visit); all eids of
         one group get the same fold. Default: every eid is its own group.
+    strata : optional (N,) stratum per eid (sex, a binned target; missing values may be their own
+        stratum); the folds then keep each stratum's share (``StratifiedGroupKFold``, shuffled with
+        ``seed``, on the eids in sorted order so that the input order does not matter).
 
     Returns
     -------
@@ -73,6 +98,18 @@ def make_splits(eids: Sequence, n_folds: int, seed: int,
     labels, inverse = np.unique(np.asarray(groups, dtype=object), return_inverse=True)
     if len(labels) < n_folds:
         raise ValueError(f"{len(labels)} subjects (groups) cannot fill {n_folds} folds")
+    if strata is not None:
+        strata = [str(v) for v in strata]
+        if len(strata) != len(eids):
+            raise ValueError(f"strata has {len(strata)} entries for {len(eids)} eids")
+        order = np.argsort(np.asarray(eids, dtype=object), kind="stable")
+        cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        fold = np.empty(len(eids), dtype=np.int64)
+        y = np.asarray(strata, dtype=object)[order]
+        g = np.asarray(groups, dtype=object)[order]
+        for k, (_train, test) in enumerate(cv.split(np.zeros(len(eids)), y, g)):
+            fold[order[test]] = k
+        return pd.DataFrame({"eid": eids, "fold": fold})
     sizes = np.bincount(inverse, minlength=len(labels))
     order = np.random.default_rng(seed).permutation(len(labels))
     group_fold = _assign(sizes, np.zeros(n_folds, dtype=np.int64), order)
@@ -107,10 +144,15 @@ def _check_frame(df: pd.DataFrame, where: str) -> None:
 
 
 def load_or_create_splits(path: str | os.PathLike, eids: Sequence, n_folds: int, seed: int,
-                          groups: Sequence | None = None, extend: bool = False) -> pd.DataFrame:
+                          groups: Sequence | None = None, extend: bool = False,
+                          strata: Sequence | None = None,
+                          stratify: str | None = None) -> pd.DataFrame:
     """The study's splits: read ``path`` if it exists, else make them and save them there.
 
     An existing file is never rewritten except by ``extend=True`` (see the module docstring).
+    ``groups`` defaults to :func:`visit_groups`. ``strata`` and its name ``stratify`` (e.g.
+    ``"31"``) stratify a new file; the sidecar ``splits.json`` records how it was made, and an
+    existing file recorded with another ``stratify`` raises (pass ``stratify=None`` to only read).
 
     Raises
     ------
@@ -120,10 +162,23 @@ def load_or_create_splits(path: str | os.PathLike, eids: Sequence, n_folds: int,
     """
     path = Path(path)
     eids = _as_str_list(eids)
+    grouped = groups is None
+    groups = visit_groups(eids) if groups is None else groups
     if not path.exists():
-        df = make_splits(eids, n_folds, seed, groups)
+        df = make_splits(eids, n_folds, seed, groups, strata if stratify else None)
         save_splits(df, path)
+        fileio.write_json(sidecar_path(path), {
+            "method": "StratifiedGroupKFold" if stratify else "seeded greedy balance of groups",
+            "folds": int(n_folds), "seed": int(seed), "stratify": stratify,
+            "groups": "visits of one eid (<eid>-<instance>)" if grouped else "given",
+            "n_eids": len(eids), "n_groups": len(set(groups))})
         return df
+    side = sidecar_path(path)
+    if stratify is not None and side.is_file():
+        made = read_sidecar(side).get("stratify")
+        if made != stratify:
+            raise ValueError(f"{path} was made with stratify={made!r}, not {stratify!r} (see "
+                             f"{side}); delete both to re-split (every fold changes)")
     df = load_splits(path)
     k_file = int(df["fold"].max()) + 1 if len(df) else 0
     if k_file != n_folds:
@@ -140,6 +195,15 @@ def load_or_create_splits(path: str | os.PathLike, eids: Sequence, n_folds: int,
     df = extend_splits(df, eids, seed, groups)
     save_splits(df, path)
     return df
+
+
+def read_sidecar(path: Path) -> dict:
+    """The sidecar's mapping ({} when unreadable)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def extend_splits(df: pd.DataFrame, eids: Sequence, seed: int,

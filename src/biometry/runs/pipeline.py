@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from biometry.config.study import (
     Study,
@@ -38,7 +39,10 @@ from biometry.config.study import (
     new_study,
     resolve_study,
 )
+from biometry.data.store import Store
+from biometry.data.tables import references_from_fields_csv
 from biometry.learn.cv import check_training_inputs, load_targets
+from biometry.learn.splits import load_or_create_splits
 from biometry.runs.batch import report, run_batch, study_train_specs
 from biometry.runs.figures import build_figures
 from biometry.runs.runner import (
@@ -120,7 +124,8 @@ def train_identity(study: Study, unit: str, fold: int, data: dict[str, Any],
     keys = list(fields) if fields else (list(study.fields) if study.multi_field else [unit])
     return {"study": study.name, "network": unit, "fold": int(fold), "fields": keys,
             "study_fields": list(study.fields), "format": study.format, "folds": study.folds,
-            "split_seed": study.split_seed, "training": study.training.to_dict(), **data}
+            "split_seed": study.split_seed, "stratify": study.stratify,
+            "training": study.training.to_dict(), **data}
 
 
 def derived_identity(study: Study, st: Stage, upstream: list[RunSpec], root: Path,
@@ -176,9 +181,29 @@ def stage_specs(study: Study, st: Stage, root: Path, data_dir=None,
 # --------------------------------------------------------------------------- checks before work
 
 
+def split_strata(study: Study, eids: Sequence[str], data_dir=None, runs_root=None):
+    """The stratum of each eid for ``study.stratify`` (None when not stratified): the value of a
+    field with at most a few distinct values (sex), else its quintile; missing: its own stratum."""
+    if study.stratify is None:
+        return None
+    paths = data_paths(study, data_dir, runs_root)
+    values = references_from_fields_csv(paths.fields_csv, [study.stratify])[study.stratify]
+    values.index = values.index.astype(str)
+    values = values.reindex([str(e).split("-", 1)[0] for e in eids])
+    if values.nunique() > 5:
+        values = pd.qcut(values, 5, labels=False, duplicates="drop")
+    return ["missing" if pd.isna(v) else str(v) for v in values]
+
+
 def prepare_splits(study: Study, data_dir=None, runs_root=None) -> None:
     """Write the study's ``splits.csv`` once, before any run is dispatched (parallel runs must
-    not race to create it), and report a field with too few labelled subjects in a fold."""
+    not race to create it): visits of one eid grouped, stratified as the study says, recorded in
+    ``splits.json``; and report a field with too few labelled subjects in a validation fold."""
+    paths = data_paths(study, data_dir, runs_root)
+    eids = [str(e) for e in Store.open(paths.prepared).eids]
+    load_or_create_splits(paths.splits, eids, study.folds, study.split_seed,
+                          strata=split_strata(study, eids, data_dir, runs_root),
+                          stratify=study.stratify)
     _store, _eids, targets, splits = load_targets(study, list(study.fields), data_dir, runs_root)
     fold_of = splits.set_index("eid")["fold"].reindex([str(e) for e in _eids]).to_numpy()
     low = []
