@@ -14,11 +14,19 @@ import pytest
 import yaml
 
 from biometry.config.paths import notebooks_dir
+from biometry.data.store import Store
+from biometry.data.tables import references_from_fields_csv
 from biometry.runs.notebook import execute_notebook
 
 pytestmark = pytest.mark.slow
 
 FIELDS = ["22407", "21002", "22405", "22403", "23289"]
+#: enough for the network to learn body weight from the projections of 20 training subjects at
+#: 32 px (R² 0.79 measured on a 36-subject phantom at scale 0.2, 2 folds); see R2_FLOOR
+ITERATIONS = 150
+#: the stated floor for the easy field (weight, 21002): a regression that breaks the images, the
+#: targets' units or the fold pooling falls far below it
+R2_FLOOR = 0.4
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +39,8 @@ def tiny_study(tmp_path_factory):
         "split_seed": 0,
         "training": {"arch": "resnet18", "input_size": [32, 32], "head": "regression",
                      "loss": "mse", "optimizer": "adam", "lr": 1e-3, "batch_size": 8,
-                     "iterations": 4, "lr_steps": [3], "translate_px": 2, "seed": 0,
-                     "checkpoint_every": 2, "num_workers": 0},
+                     "iterations": ITERATIONS, "lr_steps": [120], "translate_px": 2, "seed": 0,
+                     "checkpoint_every": 50, "num_workers": 0},
     }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(study))
@@ -61,6 +69,12 @@ def test_every_stage_leaves_its_outputs(tiny_study):
     for key in FIELDS:
         m = json.loads((runs / "evaluate" / key / "metrics.json").read_text())
         assert m["network"]["n"] > 0 and "r2" in m["network"]
+    weight = json.loads((runs / "evaluate" / "21002" / "metrics.json").read_text())
+    labelled = references_from_fields_csv(runs / "data" / "cohort" / "fields.csv", ["21002"])
+    stored = set(Store.open(runs / "data" / "prepared").eids)
+    n_labelled = int(labelled["21002"][labelled.index.astype(str).isin(stored)].notna().sum())
+    assert weight["network"]["n"] == n_labelled  # every labelled subject once, folds pooled
+    assert weight["network"]["r2"] > R2_FLOOR, weight["network"]
     assert list(summary["field"]) == FIELDS
     assert (runs / "summary" / "summary.csv").is_file()
 

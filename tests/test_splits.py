@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,3 +91,29 @@ def test_fold_indices():
     assert set(np.asarray(order)[va]) == set(df.loc[df.fold == 2, "eid"])
     with pytest.raises(ValueError, match="no fold"):
         splits.fold_indices(df, order + ["zzz"], 0)
+
+
+def test_repeat_visits_grouped_by_default(tmp_path):
+    eids = [str(1000000 + i) for i in range(40)] + [f"{1000000 + i}-3" for i in range(0, 40, 3)]
+    df = splits.load_or_create_splits(tmp_path / "splits.csv", eids, 4, seed=2)
+    fold = df.set_index("eid")["fold"]
+    for i in range(0, 40, 3):  # instance 2 is "<eid>", instance 3 "<eid>-3": one person, one fold
+        assert fold[str(1000000 + i)] == fold[f"{1000000 + i}-3"]
+    assert splits.visit_groups(["123-3", "123", "45"]) == ["123", "123", "45"]
+
+
+def test_stratified_splits_keep_each_stratum_share_and_are_recorded(tmp_path):
+    rng = np.random.default_rng(4)
+    eids = _eids(120)
+    sex = (rng.random(120) < 0.25).astype(int)  # a minority of 30 or so
+    path = tmp_path / "splits.csv"
+    df = splits.load_or_create_splits(path, eids, 3, seed=0, strata=sex, stratify="31")
+    per_fold = pd.crosstab(df["fold"], sex)
+    # each fold holds a third of each sex, up to one subject
+    assert (per_fold.max() - per_fold.min()).max() <= 1
+    side = json.loads(splits.sidecar_path(path).read_text())
+    assert side["method"] == "StratifiedGroupKFold" and side["stratify"] == "31"
+    assert splits.make_splits(eids[::-1], 3, 0, strata=sex[::-1]).set_index("eid")["fold"].to_dict() \
+        == df.set_index("eid")["fold"].to_dict()  # the input order does not matter
+    with pytest.raises(ValueError, match="made with stratify='31', not '47'"):
+        splits.load_or_create_splits(path, eids, 3, seed=0, strata=sex, stratify="47")
