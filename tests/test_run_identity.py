@@ -99,3 +99,20 @@ def test_execute_run_redoes_a_run_whose_identity_changed(tmp_path, tiny_notebook
     assert execute_run(changed, tmp_path).status == "done"
     assert (run_dir / "out.txt").read_text() == "b:str"
     assert json.loads((run_dir / "done.json").read_text())["identity"] == {"lr": 2}
+
+
+def test_a_field_missing_from_a_validation_fold_is_reported(user_study, capsys):
+    _pretend_trained(user_study)  # writes splits.csv
+    splits = pd.read_csv(user_study.parent / "papermill_runs" / "mine" / "splits.csv",
+                         dtype={"eid": str})
+    table = pd.read_csv(user_study.parent / "fields.csv", dtype={"eid": str})
+    in_fold0 = table["eid"].isin(set(splits.loc[splits["fold"] == 0, "eid"]))
+    table["47-2.0"] = np.where(in_fold0, 30.0, np.nan)  # grip strength only in fold 0
+    assert in_fold0.sum() >= 6  # enough in total for 3 folds x 2: only the per-fold check can fail
+    table.to_csv(user_study.parent / "fields.csv", index=False)
+    user_study.write_text(user_study.read_text().replace("- '22407'", "- '22407'\n- '47'"))
+    code = cli(["run", "train", "--study", str(user_study), "--redo-changed"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "too few labelled subjects in a validation fold" in err and "47 (per fold: [" in err
+    assert "22407" not in err

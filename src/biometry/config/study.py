@@ -4,7 +4,8 @@ A study file holds::
 
     name: scirep2020                  # must match the file name for presets
     description: one paragraph
-    data: {source: ukb | phantom, ...} # phantom: subjects, seed, scale
+    data: {source: ukb | phantom, ...} # phantom: subjects, seed, scale; ukb: fields_csv, prepared
+                                       # (relative paths: relative to this file's folder)
     format: projection                 # projection | fat_fraction_slices | mimir | thigh
     fields: ["22407", "21002", ...]    # field keys, quoted (coerced to str anyway)
     multi_field: false                 # one network for all fields, or one per field

@@ -23,6 +23,7 @@ it is cheap and must follow its inputs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -394,7 +395,8 @@ def study_main(argv: list[str] | None = None) -> int:
             path = new_study(a.name, a.preset, a.fields_csv, a.prepared, out_dir=a.out,
                              fields=a.fields, iterations=a.iterations, folds=a.folds,
                              overwrite=a.overwrite)
-            print(f"wrote {path}\nnext: biometry study run --study {path}")
+            shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else path
+            print(f"wrote {shown}\nnext: biometry study run --study {shown}")
             return 0
         run_study(a.study, a.runs_root, a.data_dir, a.workers, a.stages, a.scheduler, a.force,
                   a.redo_changed, a.figures_root)
