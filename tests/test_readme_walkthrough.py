@@ -43,7 +43,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _sh(line: str, cwd: Path, env: dict[str, str], timeout: int = 900):
+def _sh(line: str, cwd: Path, env: dict[str, str], timeout: int = 3600):
     return subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
