@@ -45,6 +45,7 @@ __all__ = [
     "load_stations",
     "load_subject",
     "read_nifti",
+    "read_station",
     "save_nifti",
     "save_stations",
     "station_path",
@@ -161,17 +162,29 @@ def load_stations(subject_dir: str | os.PathLike, n_stations: int | None = 6) ->
             if not p.is_file():
                 raise InputError(f"{p}: station {k} {channel} file is missing")
             paths[channel] = p
-        water, aff_w = read_nifti(paths["water"])
-        fat, aff_f = read_nifti(paths["fat"])
-        if water.shape != fat.shape:
-            raise InputError(f"{paths['fat']}: fat shape {fat.shape} differs from water shape "
-                             f"{water.shape} ({paths['water'].name})")
-        if not np.allclose(aff_w, aff_f, atol=1e-3):
-            raise InputError(f"{paths['fat']}: fat affine differs from water affine "
-                             f"({paths['water'].name}): {aff_f.tolist()} vs {aff_w.tolist()}")
-        stations.append(Station(index=k, water=water, fat=fat, affine=aff_w,
-                                meta={"paths": [str(paths["water"]), str(paths["fat"])]}))
+        stations.append(read_station(k, paths["water"], paths["fat"]))
     return stations
+
+
+def read_station(index: int, water_path: str | os.PathLike, fat_path: str | os.PathLike
+                 ) -> Station:
+    """One station from its water and fat files (any names: station_<k> or converter output).
+
+    Returns a :class:`Station` with float32 water/fat in the files' voxel order, the water file's
+    affine and ``meta["paths"]``. Raises :class:`InputError` naming the file for a truncated or
+    corrupt file, NaNs, or water and fat whose shape or affine differ.
+    """
+    water_path, fat_path = Path(water_path), Path(fat_path)
+    water, aff_w = read_nifti(water_path)
+    fat, aff_f = read_nifti(fat_path)
+    if water.shape != fat.shape:
+        raise InputError(f"{fat_path}: fat shape {fat.shape} differs from water shape "
+                         f"{water.shape} ({water_path.name})")
+    if not np.allclose(aff_w, aff_f, atol=1e-3):
+        raise InputError(f"{fat_path}: fat affine differs from water affine "
+                         f"({water_path.name}): {aff_f.tolist()} vs {aff_w.tolist()}")
+    return Station(index=index, water=water, fat=fat, affine=aff_w,
+                   meta={"paths": [str(water_path), str(fat_path)]})
 
 
 def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, *,
