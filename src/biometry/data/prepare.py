@@ -23,7 +23,9 @@ Subjects are processed in chunks (one task per chunk, not per subject) on a Dask
 ``scheduler`` (its workers must see the input and the store at the same paths: a shared file
 system). Workers write each chunk's arrays as new part files of the store; the client
 commits them to the index as they complete (:mod:`biometry.data.store`), so a killed run loses at most
-the chunks in flight and leaves no half-written array. A resumed run skips subjects that are in
+the chunks in flight and leaves no half-written array. The store's row order therefore records
+which chunk finished first; everything downstream orders subjects by eid instead
+(:func:`biometry.data.store.canonical_order`, ``docs/reproducibility.md``). A resumed run skips subjects that are in
 the store or failed before (``retry_failed`` redoes the failed ones). A subject that fails gets a
 QC row naming the stage and the error; the others go on; the exit status is 1 if any subject of
 the input is failed in the store.
