@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from dask.distributed import LocalCluster
 
 from biometry.data import prepare as prep
 from biometry.data.store import Store, canonical_order
@@ -59,17 +60,22 @@ def test_results_do_not_depend_on_the_order_workers_finish(tmp_path, monkeypatch
     cohort = generate_cohort(tmp_path / "cohort", 8, seed=5, scale=0.15, progress=False)
     study = _study(tmp_path)
     outputs = {}
-    for reverse in (False, True):
-        runs = tmp_path / f"runs_{'reversed' if reverse else 'forward'}"
-        data = runs / "tiny" / "data"
-        shutil.copytree(cohort, data / "cohort")
-        monkeypatch.setattr(prep, "as_completed", _completion_order(reverse))
-        result = prep.prepare(data / "cohort", data / "prepared", formats=["projection"],
-                              workers=2, chunk_size=2, progress=False)
-        assert result.n_done == 8 and result.ok
-        run_dir = runs / "tiny" / "train" / "all" / "fold_0"
-        train_fold(str(study), "all", 0, run_dir, runs_root=runs, progress=False)
-        outputs[reverse] = (Store.open(data / "prepared"), runs / "tiny", run_dir)
+    # two Dask workers (threads of this process: no process start-up, so the test stays fast),
+    # reached through prepare's scheduler path
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:
+        for reverse in (False, True):
+            runs = tmp_path / f"runs_{'reversed' if reverse else 'forward'}"
+            data = runs / "tiny" / "data"
+            shutil.copytree(cohort, data / "cohort")
+            monkeypatch.setattr(prep, "as_completed", _completion_order(reverse))
+            result = prep.prepare(data / "cohort", data / "prepared", formats=["projection"],
+                                  scheduler=cluster.scheduler_address, chunk_size=2,
+                                  progress=False)
+            assert result.n_done == 8 and result.ok
+            run_dir = runs / "tiny" / "train" / "all" / "fold_0"
+            train_fold(str(study), "all", 0, run_dir, runs_root=runs, progress=False)
+            outputs[reverse] = (Store.open(data / "prepared"), runs / "tiny", run_dir)
 
     (store_a, study_a, run_a), (store_b, study_b, run_b) = outputs[False], outputs[True]
     # the two stores hold the same subjects in different row orders: the test tests something
