@@ -212,3 +212,19 @@ def test_dcm2niix_output_is_prepared_like_the_zips(tmp_path):
     # the zip reader dropped the same two series
     zq = a.qc.set_index("eid")["dropped_repeats"]
     assert zq["1000002"] == "; ".join(f"series {n.split('_')[0]}" for n in dropped)
+
+
+def test_partner_errors_name_both_files(tmp_path):
+    st = stations(0)[0]
+    folder = tmp_path / "3000002"
+    folder.mkdir()
+    write_series(folder, 1, "Dixon_noBH_W", st.water, st.affine)
+    shifted = st.affine.copy()
+    shifted[0, 3] += 8.0                       # same slab, in-plane origin one voxel off
+    write_series(folder, 2, "Dixon_noBH_F", st.fat, shifted)
+    with pytest.raises(InputError, match=r"3000002: water series 1_Dixon_noBH_W.nii.gz and fat "
+                                          r"series 2_Dixon_noBH_F.nii.gz differ"):
+        discovery.find_stations(folder, n_stations=1)
+    (folder / "1_Dixon_noBH_W.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"3000002: fat series 2_Dixon_noBH_F.nii.gz has no water"):
+        discovery.find_stations(folder, n_stations=1)
