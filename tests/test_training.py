@@ -240,3 +240,25 @@ def test_input_resize_and_epochs():
     assert out.shape == (2, 3, 16, 16) and torch.allclose(out, torch.ones_like(out))
     assert TrainConfig(iterations=0, epochs=2, batch_size=8).resolve_iterations(20) == 5
     assert TrainConfig(input_size=96).input_size == (96, 96)
+
+
+def test_results_do_not_depend_on_the_row_order(tmp_path):
+    """The same subjects in another row order (as a store filled by parallel workers holds them)
+    give byte-identical predictions.csv and metrics.json; wall-clock times are in timing.json."""
+    imgs, targets, eids = _brightness_data(24)
+    cfg = _tiny(iterations=2, batch_size=4)
+    perm = np.random.default_rng(1).permutation(24)
+    outs = []
+    for name, order in (("stored", np.arange(24)), ("shuffled", perm)):
+        where = {e: i for i, e in enumerate(np.asarray(eids)[order])}
+        train_idx = np.array([where[e] for e in eids[:16]])
+        val_idx = np.array([where[e] for e in eids[16:]])
+        res = trainer.train(cfg, imgs[order], targets[order, :1], train_idx, val_idx,
+                            tmp_path / name, [eids[i] for i in order], ["21002"], progress=False)
+        assert set(res.timing) == {"train_seconds", "data_seconds", "total_seconds"}
+        assert json.loads((tmp_path / name / "timing.json").read_text()) == res.timing
+        outs.append(tmp_path / name)
+    for file in ("predictions.csv", "metrics.json"):
+        assert (outs[0] / file).read_bytes() == (outs[1] / file).read_bytes(), file
+    pred = pd.read_csv(outs[0] / "predictions.csv", dtype={"eid": str})
+    assert pred["eid"].tolist() == sorted(eids[16:])

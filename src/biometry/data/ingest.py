@@ -35,6 +35,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from biometry.data.discovery import series_channel
 from biometry.data.types import Station
 from biometry.data.volumes import InputError, save_nifti, station_path, to_lps
 from biometry.fileio import atomic_path
@@ -42,8 +43,6 @@ from biometry.fileio import atomic_path
 __all__ = ["InputError", "eid_from_zip", "read_ukb_zip", "write_ukb_zip", "zip_to_nifti"]
 
 _ZIP_RE = re.compile(r"^(?P<eid>[^_]+)_20201_(?P<instance>\d+)_(?P<array>\d+)\.zip$")
-#: Series kept, by the suffix after the last underscore of SeriesDescription.
-_KEEP = {"W": "water", "F": "fat"}
 #: Series that share a position (z extent) by more than this fraction are one station.
 _SAME_STATION_OVERLAP = 0.5
 
@@ -57,8 +56,7 @@ def eid_from_zip(path: str | os.PathLike) -> str:
 
 def _channel(description: str) -> str | None:
     """"water", "fat" or None (in/opp/other) from a SeriesDescription like ``Dixon_BH_17s_W``."""
-    suffix = description.strip().rsplit("_", 1)[-1].upper()
-    return _KEEP.get(suffix)
+    return series_channel(description)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +111,8 @@ def _slice_dataset(*, pixels: np.ndarray, position: np.ndarray, row_dir: np.ndar
     ds.StudyDescription = "UK Biobank neck-to-knee body Dixon (biometry phantom)"
     ds.SeriesDescription = description
     ds.SeriesNumber = series_number
+    # dates as in UKB data: without them dcm2niix leaves AcquisitionTime out of its sidecars
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = "20170101"
     ds.SeriesTime = series_time
     ds.AcquisitionTime = series_time
     ds.InstanceNumber = instance

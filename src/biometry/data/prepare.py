@@ -9,14 +9,23 @@ Input folders (detected in this order):
    would write, without the NIfTI round trip) and fused. The subject key is ``<eid>`` for
    instance 2 (the first imaging visit) and ``<eid>-<instance>`` otherwise (the UKB column
    convention), so that repeat scans sit beside the first ones;
-3. a folder of subject folders ``DIR/<eid>/station_*.nii.gz``.
+3. a folder of subject folders ``DIR/<eid>/station_*.nii.gz``;
+4. a folder of subject folders of converter output ``DIR/<eid>/*.nii.gz`` (e.g. dcm2niix's
+   ``15_Dixon_noBH_W.nii.gz`` with JSON sidecars): water and fat series found, paired and ordered
+   head to foot by :mod:`biometry.data.discovery`; a subject folder counts as this layout when it
+   holds NIfTI files but no ``station_*`` files.
+
+The QC row of every subject names what was left out: ``dropped_repeats`` lists the earlier
+acquisitions of a repeated station (series numbers for a zip, file names for converter output).
 
 Subjects are processed in chunks (one task per chunk, not per subject) on a Dask cluster: a
 ``LocalCluster(n_workers=workers, threads_per_worker=1)`` by default, or the existing scheduler at
 ``scheduler`` (its workers must see the input and the store at the same paths: a shared file
 system). Workers write each chunk's arrays as new part files of the store; the client
 commits them to the index as they complete (:mod:`biometry.data.store`), so a killed run loses at most
-the chunks in flight and leaves no half-written array. A resumed run skips subjects that are in
+the chunks in flight and leaves no half-written array. The store's row order therefore records
+which chunk finished first; everything downstream orders subjects by eid instead
+(:func:`biometry.data.store.canonical_order`, ``docs/reproducibility.md``). A resumed run skips subjects that are in
 the store or failed before (``retry_failed`` redoes the failed ones). A subject that fails gets a
 QC row naming the stage and the error; the others go on; the exit status is 1 if any subject of
 the input is failed in the store.
@@ -39,6 +48,7 @@ from dask.distributed import Client, LocalCluster, as_completed
 from tqdm.auto import tqdm
 
 from biometry.data import formats as fmt_mod
+from biometry.data.discovery import load_converter_subject, nifti_files
 from biometry.data.formats import FORMATS
 from biometry.data.ingest import read_ukb_zip
 from biometry.data.store import Store
@@ -57,7 +67,7 @@ class Subject:
 
     eid: str
     source: str
-    kind: str  # "nifti" (a folder of stations) or "zip" (a UKB bulk file)
+    kind: str  # "nifti" (station_<k> files), "converter" (dcm2niix output) or "zip" (UKB bulk)
 
 
 @dataclass
@@ -122,9 +132,12 @@ def find_subjects(input_dir: str | Path) -> list[Subject]:
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         if any(d.glob(_NIFTI_GLOB)):
             subjects.append(Subject(d.name, str(d), "nifti"))
+        elif nifti_files(d):
+            subjects.append(Subject(d.name, str(d), "converter"))
     if not subjects:
         raise ValueError(f"{input_dir}: no subjects found (expected nifti/<eid>/ folders, "
-                         f"<eid>/station_*.nii.gz folders or <eid>_20201_2_0.zip files)")
+                         f"<eid>/station_*.nii.gz folders, <eid>/ folders of converter output "
+                         f"such as dcm2niix's *_Dixon_*_W.nii.gz, or <eid>_20201_2_0.zip files)")
     keys = pd.Series([s.eid for s in subjects])
     dup = sorted(set(keys[keys.duplicated()]))
     if dup:
@@ -152,10 +165,15 @@ def _load(subject: Subject, spacing: tuple[float, float, float] | None = None):
     kwargs = {} if spacing is None else {"spacing": tuple(float(s) for s in spacing)}
     if subject.kind == "nifti":
         return load_subject(subject.source, **kwargs)
+    if subject.kind == "converter":
+        return load_converter_subject(subject.source, **kwargs)
     # Straight from the zip's DICOM to the fused volume: the same stations that
     # ingest.zip_to_nifti would write, without compressing and re-reading NIfTI files.
-    vol = fuse(read_ukb_zip(subject.source), eid=subject.eid, **kwargs)
+    stations = read_ukb_zip(subject.source)
+    vol = fuse(stations, eid=subject.eid, **kwargs)
     vol.meta["source"] = subject.source
+    dropped = sorted(n for st in stations for n in st.meta.get("dropped_repeats", []))
+    vol.meta["dropped_repeats"] = "; ".join(f"series {n}" for n in dropped)
     return vol
 
 
@@ -178,13 +196,15 @@ def prepare_subject(subject: Subject, formats: Sequence[str],
     Returns
     -------
     arrays : ``{format: (C, H, W) uint8}``, or None when the subject failed.
-    qc : the subject's QC row (eid, status, stage, error, source, numeric fusion QC).
+    qc : the subject's QC row (eid, status, stage, error, source, numeric fusion QC,
+        dropped_repeats).
     """
     qc: dict = {"eid": subject.eid, "status": "failed", "stage": "load", "error": "",
                 "source": subject.source}
     try:
         vol = _load(subject, spacing)
         qc.update(_numeric_meta(vol.meta))
+        qc["dropped_repeats"] = vol.meta.get("dropped_repeats", "")
         qc["stage"] = "formats"
         # NaN/inf: read_nifti refuses them in the files, and the formats refuse them in what
         # they use (a clear ValueError naming the subject), so no extra pass over the volume
@@ -234,7 +254,8 @@ def prepare(input_dir: str | Path, out_dir: str | Path,
 
     Parameters
     ----------
-    input_dir : phantom root, folder of UKB zips, or folder of subject folders (module docstring).
+    input_dir : phantom root, folder of UKB zips, or folder of subject folders (station_<k> files
+        or converter output; module docstring).
     out_dir : the store folder (created if missing).
     formats : format names (:data:`biometry.data.formats.FORMATS`); None: the existing store's
         formats, or :data:`DEFAULT_FORMATS` for a new store.
@@ -343,7 +364,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Stations (NIfTI folders, a phantom cohort or UKB zips) -> fused volumes -> "
                     "2D formats in a resumable store.")
     p.add_argument("--input", required=True, help="phantom cohort root, folder of subject folders "
-                   "with station NIfTI, or folder of <eid>_20201_2_0.zip files")
+                   "(station_<k>_water/fat NIfTI, or converter output such as dcm2niix's), or "
+                   "folder of <eid>_20201_2_0.zip files")
     p.add_argument("--out", required=True, help="store folder (created; resumed if it exists)")
     p.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
                    help=f"formats to compute ({', '.join(FORMATS)}); default: the existing store's, "

@@ -25,6 +25,9 @@ Design
 - **Rows.** ``row`` is the subject's position in the concatenation of the committed parts in
   commit order; :meth:`Store.array` returns that concatenation (a memory map when there is one
   part, a lazy :class:`PartedArray` otherwise) and :meth:`Store.load` reads it into memory.
+  Row order is history (which chunk a worker finished first, which release came later), not
+  meaning: everything downstream orders subjects by :func:`canonical_order` (eid) instead, so that
+  results do not depend on it (``docs/reproducibility.md``).
 - **QC.** One row per subject (the latest attempt wins); failed subjects have no array row.
 """
 
@@ -48,6 +51,18 @@ SUBJECT_COLUMNS = ["eid", "row", "part", "offset", "source", "time"]
 QC_COLUMNS = ["eid", "status", "stage", "error"]
 _PART_RE = re.compile(r"^part-(\d{5,})\.npy$")
 _VERSION = 1
+
+
+def canonical_order(eids: Sequence) -> np.ndarray:
+    """Positions that put ``eids`` in the canonical order: by eid as a string, code point order.
+
+    The one subject order of everything downstream of the store (training subjects and batches,
+    prediction tables, ``splits.csv``, analysis tables), whatever order the store's rows are in.
+    For UK Biobank's fixed-width numeric eids this is numeric order; repeat visits
+    (``<eid>-<instance>``) follow their first visit. Returns (N,) int64.
+    """
+    keys = np.asarray([str(e) for e in eids], dtype=str)
+    return np.argsort(keys, kind="stable").astype(np.int64)
 
 
 def _part_name(number: int) -> str:

@@ -45,6 +45,7 @@ __all__ = [
     "load_stations",
     "load_subject",
     "read_nifti",
+    "read_station",
     "save_nifti",
     "save_stations",
     "station_path",
@@ -161,13 +162,27 @@ def load_stations(subject_dir: str | os.PathLike, n_stations: int | None = 6) ->
             if not p.is_file():
                 raise InputError(f"{p}: station {k} {channel} file is missing")
             paths[channel] = p
-        water, aff_w = read_nifti(paths["water"])
-        fat, aff_f = read_nifti(paths["fat"])
-        if water.shape != fat.shape or not np.allclose(aff_w, aff_f, atol=1e-3):
-            water, fat, aff_w = _same_grid(water, aff_w, fat, aff_f, paths)
-        stations.append(Station(index=k, water=water, fat=fat, affine=aff_w,
-                                meta={"paths": [str(paths["water"]), str(paths["fat"])]}))
+        stations.append(read_station(k, paths["water"], paths["fat"]))
     return stations
+
+
+def read_station(index: int, water_path: str | os.PathLike, fat_path: str | os.PathLike
+                 ) -> Station:
+    """One station from its water and fat files (any names: station_<k> or converter output).
+
+    Returns a :class:`Station` with float32 water/fat in the files' voxel order, the water file's
+    affine and ``meta["paths"]``. Raises :class:`InputError` naming the file for a truncated or
+    corrupt file, NaNs, or water and fat that do not describe the same grid in world space
+    (a different axis order or direction alone is accepted: both are reoriented to LPS).
+    """
+    water_path, fat_path = Path(water_path), Path(fat_path)
+    water, aff_w = read_nifti(water_path)
+    fat, aff_f = read_nifti(fat_path)
+    if water.shape != fat.shape or not np.allclose(aff_w, aff_f, atol=1e-3):
+        water, fat, aff_w = _same_grid(water, aff_w, fat, aff_f,
+                                       {"water": water_path, "fat": fat_path})
+    return Station(index=index, water=water, fat=fat, affine=aff_w,
+                   meta={"paths": [str(water_path), str(fat_path)]})
 
 
 def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, *,

@@ -16,10 +16,13 @@ whole). How the file was made is recorded in a sidecar ``splits.json`` (method, 
 grouping, stratification); a caller that asks for another stratification of an existing file gets
 an error naming it.
 
+The file's rows are in canonical eid order (:func:`biometry.data.store.canonical_order`), so the
+same subjects give the same bytes whatever order the prepared store holds them in.
+
 Extension policy: :func:`load_or_create_splits` never re-assigns a subject. When the study gains
 subjects that are not in the file, it raises unless ``extend=True``, in which case the new subjects
-(whole groups) are appended, each to the currently smallest fold, in a seeded order; the existing
-rows are kept byte for byte.
+(whole groups) are appended (in eid order), each to the currently smallest fold, in a seeded
+order; the existing rows are kept byte for byte.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from biometry import fileio
+from biometry.data.store import canonical_order
 
 
 def visit_groups(eids: Sequence) -> list[str]:
@@ -165,7 +169,7 @@ def load_or_create_splits(path: str | os.PathLike, eids: Sequence, n_folds: int,
     grouped = groups is None
     groups = visit_groups(eids) if groups is None else groups
     if not path.exists():
-        df = make_splits(eids, n_folds, seed, groups, strata if stratify else None)
+        df = _in_eid_order(make_splits(eids, n_folds, seed, groups, strata if stratify else None))
         save_splits(df, path)
         fileio.write_json(sidecar_path(path), {
             "method": "StratifiedGroupKFold" if stratify else "seeded greedy balance of groups",
@@ -238,7 +242,12 @@ def extend_splits(df: pd.DataFrame, eids: Sequence, seed: int,
         gf = _assign(sizes, fold_sizes, order)
         rows += [(e, int(gf[i])) for e, i in zip(pending, inverse, strict=True)]
     added = pd.DataFrame(rows, columns=["eid", "fold"]).astype({"eid": str, "fold": np.int64})
-    return pd.concat([df, added], ignore_index=True)
+    return pd.concat([df, _in_eid_order(added)], ignore_index=True)
+
+
+def _in_eid_order(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows in canonical eid order, so that ``splits.csv`` does not depend on the input order."""
+    return df.iloc[canonical_order(df["eid"])].reset_index(drop=True)
 
 
 def fold_indices(splits: pd.DataFrame, eids: Sequence, fold: int) -> tuple[np.ndarray, np.ndarray]:

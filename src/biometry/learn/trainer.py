@@ -7,8 +7,9 @@ writes, into ``out_dir``:
 * ``model.pt``: the model bundle (architecture, head, fields, standardisation, state dict);
 * ``predictions.csv``: out-of-fold predictions for ``val_idx`` (eid, fold, field, reference,
   prediction, variance) in the target's units, one row per subject and labelled field;
-* ``metrics.json``: per field r2, mae, n (classification: accuracy, auc, n), training time,
-  final loss, iterations;
+* ``metrics.json``: per field r2, mae, n (classification: accuracy, auc, n), final loss,
+  iterations: only what the data, configuration and seed determine (byte-comparable);
+* ``timing.json``: wall-clock seconds of training, data loading and the whole call;
 * ``checkpoint.pt`` every ``checkpoint_every`` iterations while training (removed at the end
   unless ``keep_checkpoint``), from which a killed training resumes exactly.
 
@@ -16,6 +17,10 @@ Decisions (see ``docs/training.md``):
 
 * **Input scaling** is ``uint8 / 255`` (the original fed 0-255 floats; the first BatchNorm makes the
   two equivalent for a network trained from scratch, and [0, 1] suits fp16).
+* **Subjects in canonical order**: ``train_idx`` and ``val_idx`` are put in eid order
+  (:func:`biometry.data.store.canonical_order`) before anything uses them, so the
+  standardisation, every batch, the prediction table and the training hash do not depend on the
+  order of the rows of ``images`` (a store's row order records which worker finished first).
 * **Batches are a pure function of (seed, iteration)**: the training subjects are visited in a
   fresh seeded permutation per epoch, and the translation of every sample of iteration ``i`` is
   drawn from ``numpy.random.default_rng([seed, 1, i])``. Augmentation therefore differs across
@@ -54,6 +59,7 @@ from tqdm.auto import tqdm
 
 from biometry import fileio
 from biometry.config.training import TrainConfig
+from biometry.data.store import canonical_order
 from biometry.learn.augment import batch_positions, batch_shifts, to_input, translate
 from biometry.learn.bundle import bundle_from_raw, predict
 from biometry.learn.devices import amp_dtype as autocast_dtype
@@ -73,6 +79,8 @@ class TrainResult:
     lr_history: list[float] = field(default_factory=list)
     loss_history: list[float] = field(default_factory=list)
     skipped: bool = False
+    #: wall-clock seconds (train, data, total), also in ``timing.json``; not in ``metrics.json``
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 
@@ -116,6 +124,11 @@ def _train_hash(eids: Sequence[str], idx: np.ndarray, targets: np.ndarray) -> st
     h.update("\n".join(str(eids[i]) for i in idx).encode())
     h.update(np.ascontiguousarray(targets[idx]).tobytes())
     return h.hexdigest()[:16]
+
+
+def _in_eid_order(idx: np.ndarray, eids: Sequence[str]) -> np.ndarray:
+    """``idx`` (row indices) reordered so that their eids are in canonical order."""
+    return idx[canonical_order([eids[i] for i in idx])]
 
 
 def _validate_inputs(config: TrainConfig, images, targets: np.ndarray, train_idx: np.ndarray,
@@ -206,8 +219,9 @@ def train(
     config : the training configuration.
     images : uint8 (N, C, H, W) array or memory map; indexed per batch, never loaded whole.
     targets : float (N, T), NaN = missing label, in the fields' units.
-    train_idx, val_idx : row indices into images/targets/eids (disjoint). Training rows without any
-        label are skipped.
+    train_idx, val_idx : row indices into images/targets/eids (disjoint), in any order: both are
+        put in eid order first, so results do not depend on the row order. Training rows without
+        any label are skipped.
     out_dir : the run folder (created); see the module docstring for its files.
     eids : (N,) subject ids (str).
     field_keys : (T,) field keys (str), the columns of targets.
@@ -232,6 +246,8 @@ def train(
     train_idx = np.asarray(train_idx, dtype=np.int64)
     val_idx = np.asarray(val_idx, dtype=np.int64)
     _validate_inputs(config, images, targets, train_idx, val_idx, eids, field_keys)
+    train_idx = _in_eid_order(train_idx, eids)
+    val_idx = _in_eid_order(val_idx, eids)
     train_idx = train_idx[~np.all(np.isnan(targets[train_idx]), axis=1)]
     cfg_dict = config.to_dict()
 
@@ -360,35 +376,38 @@ def train(
     _save_torch(bundle, out_dir / "model.pt")
 
     loaded = bundle_from_raw(bundle, model)
-    preds = predict(loaded, images[np.sort(val_idx)] if len(val_idx) else images[:0],
-                    device=str(device))
-    val_sorted = np.sort(val_idx)
-    table = _prediction_table(config.head, preds, targets, y_net, val_sorted, eids, field_keys,
-                              fold)
+    preds = predict(loaded, images[val_idx] if len(val_idx) else images[:0], device=str(device))
+    table = _prediction_table(config.head, preds, targets, y_net, val_idx, eids, field_keys, fold)
     metrics = _metrics(config.head, table, field_keys)
     tail = loss_hist[-min(50, len(loss_hist)):] if loss_hist else [float("nan")]
+    # wall-clock times go to their own file: metrics.json holds only what the seed determines,
+    # so that two runs of one configuration can be compared byte for byte
+    timing = {"train_seconds": round(train_seconds, 3), "data_seconds": round(data_s, 3),
+              "total_seconds": round(time.perf_counter() - t_start, 3)}
     metrics.update({
-        "iterations": n_iter, "train_seconds": round(train_seconds, 3),
-        "data_seconds": round(data_s, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
+        "iterations": n_iter,
         "final_loss": float(np.mean(tail)), "last_loss": float(tail[-1]),
         "n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "fold": int(fold),
         "device": str(device), "amp": bool(use_amp), "fields": field_keys,
         "head": config.head, "class_threshold": threshold,
     })
     fileio.write_csv(out_dir / "predictions.csv", table)
+    fileio.write_json(out_dir / "timing.json", timing)
     fileio.write_json(out_dir / "metrics.json", metrics)
     if not keep_checkpoint and ckpt_path.is_file():
         ckpt_path.unlink()
-    return TrainResult(out_dir, model, metrics, table, lr_hist, loss_hist)
+    return TrainResult(out_dir, model, metrics, table, lr_hist, loss_hist, timing=timing)
 
 
 def _finished_result(out_dir: Path, raw: dict[str, Any]) -> TrainResult:
 
     bundle = bundle_from_raw(raw)
+    timing_file = out_dir / "timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     return TrainResult(out_dir, bundle.model, json.loads((out_dir / "metrics.json").read_text()),
                        pd.read_csv(out_dir / "predictions.csv", dtype={"eid": str, "field": str}),
                        list(raw.get("lr_history", [])), list(raw.get("loss_history", [])),
-                       skipped=True)
+                       skipped=True, timing=timing)
 
 
 def _prediction_table(head: str, preds: np.ndarray, targets: np.ndarray, y_net: np.ndarray,
