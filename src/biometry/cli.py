@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("biometry.runs.batch", "main", "batch-execute a notebook stage per field and fold"),
     "demo": ("biometry.runs.demo", "main", "the whole pipeline on a phantom cohort"),
     "figures": ("biometry.runs.figures", "main", "regenerate a study's figures and tables"),
+    "thigh": ("biometry.runs.thigh", "main", "the thigh-function study: high/low from thigh slices"),
 }
 
 
