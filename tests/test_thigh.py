@@ -17,6 +17,7 @@ from biometry.learn import transfer
 from biometry.learn.models import IMAGENET_MEAN, IMAGENET_STD, build_slice_model
 from biometry.phantom import cohort, function, signal
 from biometry.phantom.anatomy import LABELS, station_grids
+from biometry.runs.batch import study_train_specs
 from biometry.runs.figures import build_figures
 from biometry.runs.runner import RunSpec, execute_run
 
@@ -261,3 +262,8 @@ def test_thigh_notebook_on_a_tiny_phantom(tmp_path):
     assert build_figures(str(path), runs_root=root, figures_root=figs, progress=False) == 0
     out = pd.read_csv(figs / "thigh-tiny" / "table_thigh_function.csv")
     assert len(out) == len(table) and (figs / "thigh-tiny" / "table_thigh_function.md").is_file()
+
+
+def test_a_thigh_study_is_not_trained_by_the_per_field_batch():
+    with pytest.raises(ValueError, match="biometry thigh --study thigh2024"):
+        study_train_specs(load_study("thigh2024"))

@@ -12,6 +12,10 @@ whose final ``fc`` layer is replaced by a head:
 ``classification``
     ``fc: Linear(features, K)``: logits of K classes, shape (B, K).
 
+:class:`SliceNet` (the thigh-function study) applies a ResNet to every slice of a (B, S, H, W)
+stack as a grey image in the weights' RGB normalisation and averages the slice features per
+subject, instead of feeding the slices as channels (see :func:`build_slice_model`).
+
 Pretrained weights
 ------------------
 ``weights="imagenet"`` loads torchvision's IMAGENET1K_V1 file (the weights of the papers) from the
