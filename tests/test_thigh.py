@@ -247,10 +247,11 @@ def test_thigh_notebook_on_a_tiny_phantom(tmp_path):
     assert res.status == "done", res.error
     m = json.loads((res.run_dir / "metrics.json").read_text())
     leg = m["measures"]["leg_strength"]
-    assert leg["pretrained"]["n"] == 8 and 0 <= leg["pretrained"]["accuracy"] <= 1
-    assert leg["random_backbone"]["n"] == 8
+    # fold 0 of 4 holds 8 subjects; those with a leg-strength label are evaluated
+    assert 0 < leg["pretrained"]["n"] <= 8 and 0 <= leg["pretrained"]["accuracy"] <= 1
+    assert leg["random_backbone"]["n"] == leg["pretrained"]["n"]
     assert set(leg["sex_stratified"]) == {"male", "female"}
-    assert m["external"]["label"] == "exercise" and m["external"]["n"] == 6
+    assert m["external"]["label"] == "exercise" and 0 < m["external"]["n"] <= 6
     assert (res.run_dir / "backbone_fold_0.pt").is_file()
     preds = pd.read_csv(res.run_dir / "predictions.csv", dtype={"eid": str})
     assert set(preds["set"]) == {"test", "external"}
