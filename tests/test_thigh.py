@@ -181,6 +181,11 @@ def test_classification_metrics_against_hand_values():
     assert m["accuracy"] == 0.75 and m["baseline_accuracy"] == 0.75
     assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
     assert m["auc"] == 1.0 and m["accuracy_over_baseline"] == 0.0 and m["share_high"] == 0.75
+    assert m["train_majority_accuracy"] == 0.75
+    # the baseline is the larger class of the evaluated subjects, not of the training ones
+    low = evaluation.classification_metrics([0, 0, 0, 1], [0, 0, 0, 0], None, 1)
+    assert low["baseline_accuracy"] == 0.75 and low["train_majority_accuracy"] == 0.25
+    assert low["accuracy_over_baseline"] == 0.0 and np.isnan(low["auc"])
     only_one = evaluation.classification_metrics([0, 0], [0, 1])
     assert np.isnan(only_one["balanced_accuracy"]) and only_one["baseline_accuracy"] == 1.0
 

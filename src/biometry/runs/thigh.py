@@ -82,7 +82,7 @@ def load_data(study: str | Path | Study, runs_root=None, data_dir=None, workers:
             _phantom_cohort(*ext_paths, int(ext_cfg["subjects"]), int(ext_cfg["seed"]),
                             float(d["scale"]), True, workers, progress)
             ext_paths = (ext_paths[0] / "fields.csv", ext_paths[1])
-    elif ext_cfg:
+    elif ext_cfg and "fields_csv" in ext_cfg:  # (a phantom's {subjects, seed} needs no data_dir)
         ext_paths = (Path(ext_cfg["fields_csv"]), Path(ext_cfg["prepared"]))
     keys = list(study.fields) + [k for k in settings["pretrain_fields"] if k not in study.fields]
     store, eids, targets, splits = load_targets(study, keys, data_dir, runs_root)
