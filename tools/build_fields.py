@@ -29,6 +29,14 @@ AUXILIARY = [
     ("53", "dateOfAssessment", "date", "date", 2),
     ("2443", "diabetesDiagnosed", "(yes = 1)", "categorical (0=no,1=yes)", 2),
 ]
+# Study-specific fields without a UKB id (thigh-function study, ISMRM 2024): functional measures
+# of the phantom and the external cohort's self-reported exercise; fields.csv column = key.
+STUDY_FIELDS = [
+    ("leg_strength", "legStrength", "kg"),
+    ("walking_speed", "walkingSpeed", "m/s"),
+    ("chair_stand_time", "chairStandTime", "s"),
+    ("exercise", "exerciseSelfReported", "(yes = 1)"),
+]
 # Pairs of fields that measure the same property with two reference methods.
 PAIRS = [
     ("23289", "22407", "visceral adipose tissue", "dxa_mri"),
@@ -52,7 +60,7 @@ def snake(label: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "reference"))
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "src" / "biometry" / "data"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "src" / "biometry" / "config" / "data"))
     a = ap.parse_args()
     ref = Path(a.shared)
     sci = pd.read_csv(ref / "derived_scirep2020_targets.csv", dtype=str).fillna("")
@@ -99,6 +107,9 @@ def main() -> None:
         rows[fid] = dict(key=fid, field_id=fid, name=name, unit=unit, native_unit=native,
                          group="disease" if is_dm else "auxiliary", side="", partner="",
                          scirep2020=False, mimir2021=is_dm)
+    for key, name, unit in STUDY_FIELDS:
+        rows[key] = dict(key=key, field_id="", name=name, unit=unit, native_unit=unit,
+                         group="function", side="", partner="", scirep2020=False, mimir2021=False)
 
     df = pd.DataFrame(rows.values())
     df["factor"] = [CONVERSIONS.get((n, u), 1.0) for n, u in zip(df.native_unit, df.unit)]

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "study": ("biometry.runs.pipeline", "study_main", "start a study from a preset; run all its stages"),
     "demo": ("biometry.runs.demo", "main", "the whole pipeline on a phantom cohort"),
     "figures": ("biometry.runs.figures", "main", "regenerate a study's figures and tables"),
+    "thigh": ("biometry.runs.thigh", "main", "the thigh-function study: high/low from thigh slices"),
 }
 
 

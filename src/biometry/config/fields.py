@@ -7,7 +7,8 @@ Every field has a string ``key``: the UKB field id (``"22407"``) where there is 
 
 Columns of :func:`catalogue`:
     key, field_id, name, unit, native_unit, factor (value in ``unit`` = native value × factor),
-    group (anthropometry, derived, dxa, mri_atlas, liver, organ, auxiliary), side (L/R/empty),
+    group (anthropometry, derived, dxa, mri_atlas, liver, organ, auxiliary; function: the thigh
+    study's functional measures, read from a column named after the key), side (L/R/empty),
     partner (the other side's key), instance (UKB instance of the column: 0 or 2), arrays,
     scirep2020, mimir2021 (membership of the target lists), mimir_* (published CV metrics).
 """

@@ -19,6 +19,7 @@ A study file holds::
     training: {...}                    # biometry.learn.trainer.TrainConfig fields
     dispatch: {workers: 1, jobqueue: null}
     network_name: all                  # run-folder name of a multi-field network
+    thigh: {...}                       # thigh-function study settings (THIGH_DEFAULTS)
 
 Errors are ``StudyError`` (a ``ValueError``) with a one-line message naming the file and problem.
 """
@@ -42,7 +43,21 @@ from biometry.config.training import TrainConfig
 
 _TOP_KEYS = {"name", "description", "data", "format", "fields", "multi_field", "folds",
              "train_folds", "split_seed", "calibration", "min_labelled_per_fold", "training",
-             "dispatch", "network_name", "stratify"}
+             "dispatch", "network_name", "stratify", "thigh"}
+#: the ``thigh:`` block of a thigh-function study (docs/thigh.md) and its defaults
+THIGH_DEFAULTS: dict[str, Any] = {
+    "backbone": "weights",         # "weights": training.weights (ImageNet file, a path);
+                                   # "pretrain": pretrained on the phantom's regression fields
+    "pretrain_fields": ["22409", "22408", "21002"],  # thigh muscle, abdominal SAT, weight
+    "pretrain_iterations": 150,
+    "pretrain_batch_size": 8,
+    "pretrain_slices": 2,          # random slices per subject and pretraining iteration
+    "pretrain_lr": 1.0e-3,
+    "random_control": True,        # also a frozen random backbone
+    "sex_stratified": True,        # also networks for men and women (whole-cohort median)
+    "external": None,              # phantom: {subjects, seed}; real data: {fields_csv, prepared}
+    "external_label": "exercise",
+}
 _REQUIRED = {"name", "data", "format", "fields", "folds", "training"}
 
 
@@ -76,6 +91,8 @@ class Study:
     #: None, or the field key whose value (sex: "31"; a continuous field: its quintile) the folds
     #: are stratified by
     stratify: str | None = None
+    #: the thigh-function study's settings (THIGH_DEFAULTS filled in); empty for other studies
+    thigh: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def formats_needed(self) -> tuple[str, ...]:
@@ -126,7 +143,8 @@ class Study:
                 "calibration": self.calibration,
                 "min_labelled_per_fold": self.min_labelled_per_fold,
                 "training": self.training.to_dict(), "dispatch": dict(self.dispatch),
-                "network_name": self.network_name, "stratify": self.stratify}
+                "network_name": self.network_name, "stratify": self.stratify,
+                **({"thigh": dict(self.thigh)} if self.thigh else {})}
 
 
 def check_lr_steps(training: TrainConfig, where: str = "training") -> None:
@@ -250,6 +268,7 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
             fieldcat.validate([stratify])
         except KeyError as exc:
             raise StudyError(f"{where}: stratify: {exc.args[0]}") from exc
+    thigh = _thigh_settings(raw.get("thigh"), where)
     return Study(
         stratify=stratify, name=name, description=str(raw.get("description", "")).strip(),
         data=data, format=fmt, fields=tuple(keys), multi_field=multi,
@@ -257,7 +276,31 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
         calibration=bool(raw.get("calibration", False)),
         min_labelled_per_fold=int(raw.get("min_labelled_per_fold", 2)), training=training,
         dispatch=dict(raw.get("dispatch") or {}), path=path,
-        network_name=str(raw.get("network_name", "all")))
+        network_name=str(raw.get("network_name", "all")), thigh=thigh)
+
+
+def _thigh_settings(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise StudyError(f"{where}: thigh must be a mapping of settings")
+    unknown = sorted(set(raw) - set(THIGH_DEFAULTS))
+    if unknown:
+        raise StudyError(f"{where}: unknown thigh setting(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(THIGH_DEFAULTS)}")
+    out = {**THIGH_DEFAULTS, **raw}
+    if out["backbone"] not in ("weights", "pretrain"):
+        raise StudyError(f"{where}: thigh.backbone must be 'weights' or 'pretrain'")
+    try:
+        out["pretrain_fields"] = fieldcat.validate(out["pretrain_fields"])
+    except KeyError as exc:
+        raise StudyError(f"{where}: thigh.pretrain_fields: {exc.args[0]}") from exc
+    ext = out["external"]
+    if ext is not None and not (isinstance(ext, Mapping) and (
+            {"subjects", "seed"} <= set(ext) or {"fields_csv", "prepared"} <= set(ext))):
+        raise StudyError(f"{where}: thigh.external must be null, {{subjects, seed}} (phantom) or "
+                         f"{{fields_csv, prepared}} (real data)")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

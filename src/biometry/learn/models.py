@@ -12,6 +12,10 @@ whose final ``fc`` layer is replaced by a head:
 ``classification``
     ``fc: Linear(features, K)``: logits of K classes, shape (B, K).
 
+:class:`SliceNet` (the thigh-function study) applies a ResNet to every slice of a (B, S, H, W)
+stack as a grey image in the weights' RGB normalisation and averages the slice features per
+subject, instead of feeding the slices as channels (see :func:`build_slice_model`).
+
 Pretrained weights
 ------------------
 ``weights="imagenet"`` loads torchvision's IMAGENET1K_V1 file (the weights of the papers) from the
@@ -199,3 +203,103 @@ def split_mean_logvar(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         raise ValueError(f"mean_variance output must be (B, 2T), got {tuple(output.shape)}")
     view = output.view(output.shape[0], -1, 2)
     return view[..., 0], view[..., 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# slice-wise networks (the thigh-function study)
+
+#: the input normalisation of torchvision's ImageNet weights (RGB mean and SD of [0, 1] pixels)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SliceNet(nn.Module):
+    """A 2D backbone applied to every slice of a stack, features averaged per subject, one head.
+
+    A stack of S axial slices (B, S, H, W) uint8 is *not* fed as S channels: with a pretrained
+    3-channel conv1 that would collapse the slices into one averaged image (every channel gets
+    the same filter). Instead each slice is one grey image: scaled to [0, 1], resized to
+    ``input_size`` (antialiased bilinear), repeated into the 3 channels the weights expect and
+    normalised with the weights' mean and SD (ImageNet's by default); the backbone (a ResNet
+    without ``fc``) gives F features per slice; their mean over the S slices is the subject's
+    feature vector; ``fc`` maps it to the outputs.
+
+    Attributes
+    ----------
+    backbone : torchvision ResNet with ``fc = Identity`` (outputs (N, F)).
+    fc : ``Linear(F, n_outputs)``.
+    """
+
+    def __init__(self, backbone: nn.Module, n_features: int, n_outputs: int,
+                 input_size: tuple[int, int] | None = None,
+                 mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 std: tuple[float, float, float] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.fc = nn.Linear(n_features, n_outputs)
+        self.input_size = tuple(int(s) for s in input_size) if input_size else None
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def slice_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, S, H, W) -> normalised float (B * S, 3, h, w), slice-major per subject."""
+        if x.ndim != 4:
+            raise ValueError(f"slice stacks must be (B, S, H, W), got {tuple(x.shape)}")
+        b, s, h, w = x.shape
+        g = x.reshape(b * s, 1, h, w).float().div(255.0)
+        if self.input_size is not None and (h, w) != self.input_size:
+            g = nn.functional.interpolate(g, size=self.input_size, mode="bilinear",
+                                          antialias=True, align_corners=False)
+        return (g.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+    def slice_features(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, S, H, W) -> backbone features of every slice (B, S, F)."""
+        b, s = x.shape[:2]
+        return self.backbone(self.slice_inputs(x)).reshape(b, s, -1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, S, H, W) -> the subject's feature vector (B, F): the mean over its slices."""
+        return self.slice_features(x).mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def build_slice_model(arch: str = "resnet18", n_outputs: int = 2,
+                      weights: str | os.PathLike | None = None,
+                      input_size: tuple[int, int] | None = None, freeze_backbone: bool = True,
+                      seed: int = 0) -> SliceNet:
+    """A :class:`SliceNet` on a torchvision ResNet.
+
+    Parameters
+    ----------
+    arch : "resnet18" or "resnet50".
+    n_outputs : classes (or regression targets) of ``fc``.
+    weights : None (random), "imagenet" (torchvision's file, offline) or a path to a ResNet state
+        dict, e.g. one written by :func:`biometry.learn.transfer.pretrain_backbone`; the 3-channel
+        conv1 is kept as it is (each slice is repeated into RGB).
+    input_size : (h, w) each slice is resized to; None keeps the stored size.
+    freeze_backbone : every parameter but ``fc``'s has ``requires_grad=False``; keep the backbone
+        in eval mode (:func:`set_slice_train_mode`) so that BatchNorm statistics stay fixed too.
+    seed : seeds the random initialisation (forked RNG).
+    """
+    resnet = build_model(arch, in_channels=3, n_outputs=1, head="regression", weights=weights,
+                         seed=seed)
+    n_features = resnet.fc.in_features
+    resnet.fc = nn.Identity()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        model = SliceNet(resnet, n_features, n_outputs, input_size)
+    if freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad = False
+    model.biometry = {"arch": arch, "n_outputs": n_outputs, "slice_net": True,
+                      "input_size": list(model.input_size) if model.input_size else None}
+    return model
+
+
+def set_slice_train_mode(model: SliceNet, freeze_backbone: bool) -> None:
+    """Train mode for ``fc`` (and the backbone unless frozen: then its BatchNorm stays in eval)."""
+    model.train()
+    if freeze_backbone:
+        model.backbone.eval()

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from biometry.data.types import Station, Volume
-from biometry.phantom import anatomy, measure, signal
+from biometry.phantom import anatomy, function, measure, signal
 from biometry.phantom.anatomy import FOV_HEIGHT_MM, Grid
 
 #: version of the generator's model; a cohort records it in ``cohort.json``
@@ -68,6 +68,19 @@ def subject_seed(cohort_seed: int, index: int) -> int:
         1, dtype=np.uint64)[0])
 
 
+def external_subject_seed(cohort_seed: int, index: int) -> int:
+    """The seed of subject ``index`` of an external cohort (never that of a main-cohort subject)."""
+    return int(np.random.SeedSequence([int(cohort_seed), int(index), 0xE7]).generate_state(
+        1, dtype=np.uint64)[0])
+
+
+def external_eids(n: int, seed: int) -> list[str]:
+    """``n`` distinct 8-digit volunteer ids starting with 9: never equal to a 7-digit UKB eid."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xE7]))
+    picks = rng.choice(10_000_000, size=n, replace=False)
+    return [str(90_000_000 + int(k)) for k in picks]
+
+
 def cohort_eids(n: int, seed: int) -> list[str]:
     """``n`` distinct 7-digit eids; the first ``k`` of ``n`` are those of a cohort of ``k``."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xE1D]))
@@ -96,7 +109,8 @@ def station_affine_las(grid: Grid) -> np.ndarray:
     return flipped
 
 
-def make_subject(eid: str, seed: int, scale: float = 1.0, stations: bool = True) -> Subject:
+def make_subject(eid: str, seed: int, scale: float = 1.0, stations: bool = True,
+                 protocol: str = "ukb") -> Subject:
     """Make one subject: parameters, labels, fields and (optionally) the six stations.
 
     Parameters
@@ -106,20 +120,26 @@ def make_subject(eid: str, seed: int, scale: float = 1.0, stations: bool = True)
     scale : resolution factor in (0.1, 2]; in-plane voxels ``round(224*scale) x round(174*scale)``,
         spacings divided by ``scale``.
     stations : also synthesise the station images (the slow part).
+    protocol : "ukb", or "external": the external cohort's noise and contrast, and only the
+        ``exercise`` label among the functional measures (:mod:`biometry.phantom.function`).
     """
     scale = anatomy.check_scale(scale)
+    function.check_protocol(protocol)
     rng = _streams(seed)
     p = anatomy.draw_parameters(rng["params"])
     grid = anatomy.fused_grid(scale)
     labels = anatomy.rasterise(p, grid)
     values, truth = measure.measure_fields(p, labels, grid, rng["fields"])
     have = measure.availability(rng["available"])
+    rng_function = function.function_rng(seed)
+    values.update(function.functional_measures(p, float(values["22409"]), rng_function))
+    have.update(function.functional_availability(rng_function, protocol))
     artefacts = signal.draw_artefacts(p, rng["artefacts"])
     st: list[Station] = []
     if stations:
         for k, sg in enumerate(anatomy.station_grids(scale), start=1):
             lab = anatomy.rasterise(p, sg)
-            water, fat = signal.station_signal(p, lab, sg, k, rng["signal"], artefacts)
+            water, fat = signal.station_signal(p, lab, sg, k, rng["signal"], artefacts, protocol)
             st.append(Station(index=k, water=np.ascontiguousarray(water[:, ::-1, :]),
                               fat=np.ascontiguousarray(fat[:, ::-1, :]),
                               affine=station_affine_las(sg),

@@ -35,6 +35,7 @@ from biometry.phantom.anatomy import (
     below_fov_legs,
     head_masses,
 )
+from biometry.phantom.function import FUNCTION_FIELDS
 
 L = LABELS
 THIGH = (L["thigh_anterior_right"], L["thigh_posterior_right"], L["thigh_anterior_left"],
@@ -334,8 +335,10 @@ def _catalogue_fields() -> tuple[tuple[str, str, int, int], ...]:
 
 @functools.lru_cache(maxsize=1)
 def _field_columns() -> tuple[tuple[str, str, int], ...]:
-    return tuple((_fields.column(key, array=arr), key, arr)
-                 for key, _g, _i, arrays in _catalogue_fields() for arr in range(arrays))
+    ukb = tuple((_fields.column(key, array=arr), key, arr)
+                for key, _g, _i, arrays in _catalogue_fields() for arr in range(arrays))
+    # study-specific fields without a UKB id (the thigh study's functional measures): column = key
+    return ukb + tuple((key, key, 0) for key in FUNCTION_FIELDS)
 
 
 def field_columns() -> list[tuple[str, str, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from biometry.phantom.anatomy import LABELS, N_LABELS, Body, Grid
+from biometry.phantom.function import PROTOCOLS, check_protocol
 
 L = LABELS
 
@@ -18,8 +19,12 @@ P_SWAP = 0.02
 P_METAL = 0.015
 
 
-def tissue_signal(p: dict[str, float]) -> np.ndarray:
-    """(N_LABELS, 2) noiseless water and fat signal of every label for subject ``p``."""
+def tissue_signal(p: dict[str, float], protocol: str = "ukb") -> np.ndarray:
+    """(N_LABELS, 2) noiseless water and fat signal of every label for subject ``p``.
+
+    ``protocol`` (:data:`biometry.phantom.function.PROTOCOLS`) changes the contrast of muscle
+    water and adipose fat for the external cohort; ``"ukb"`` leaves the table as it is.
+    """
     lut = np.zeros((N_LABELS, 2), dtype=np.float32)
     mff = p["muscle_fat_fraction"]
     lff = p["liver_fat_fraction"]
@@ -33,12 +38,20 @@ def tissue_signal(p: dict[str, float]) -> np.ndarray:
     lut[L["kidneys"]] = (0.72, 0.02)
     lut[L["bone"]] = (0.25, 0.55)
     lut[L["viscera"]] = (0.45, 0.05)
+    if protocol != "ukb":
+        proto = PROTOCOLS[check_protocol(protocol)]
+        for name in ("muscle", "thigh_anterior_right", "thigh_posterior_right",
+                     "thigh_anterior_left", "thigh_posterior_left", "arm_lean"):
+            lut[L[name], 0] *= proto["muscle_water"]
+        for name in ("sat", "vat", "arm_fat"):
+            lut[L[name], 1] *= proto["adipose_fat"]
     return lut
 
 
-def ideal_signal(p: dict[str, float], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ideal_signal(p: dict[str, float], labels: np.ndarray,
+                 protocol: str = "ukb") -> tuple[np.ndarray, np.ndarray]:
     """Noiseless water and fat images (float32, same shape as ``labels``), unit intensity scale."""
-    lut = tissue_signal(p)
+    lut = tissue_signal(p, protocol)
     return lut[labels, 0], lut[labels, 1]
 
 
@@ -65,7 +78,8 @@ def draw_artefacts(p: dict[str, float], rng: np.random.Generator) -> list[dict]:
 
 
 def station_signal(p: dict[str, float], labels: np.ndarray, grid: Grid, station: int,
-                   rng: np.random.Generator, artefacts: list[dict] = ()) -> tuple[np.ndarray, np.ndarray]:
+                   rng: np.random.Generator, artefacts: list[dict] = (),
+                   protocol: str = "ukb") -> tuple[np.ndarray, np.ndarray]:
     """Water and fat images of one station as a scanner would reconstruct them.
 
     Parameters
@@ -76,12 +90,14 @@ def station_signal(p: dict[str, float], labels: np.ndarray, grid: Grid, station:
     station : station number 1..6.
     rng : generator for the station scale, bias field and noise.
     artefacts : from :func:`draw_artefacts`.
+    protocol : "ukb", or "external" for other noise and contrast
+        (:data:`biometry.phantom.function.PROTOCOLS`).
 
     Returns
     -------
     water, fat : (nx, ny, nz) float32, non-negative magnitudes in scanner units.
     """
-    water, fat = ideal_signal(p, labels)
+    water, fat = ideal_signal(p, labels, protocol)
     nx, ny, nz = labels.shape
     u, v, w = grid.axes()
     xs = (u / (u[-1] - u[0] + 1e-9) * 2).astype(np.float32)[:, None, None]
@@ -109,7 +125,7 @@ def station_signal(p: dict[str, float], labels: np.ndarray, grid: Grid, station:
                 fat[void] *= 0.02
                 water[rim] *= 1.8
                 fat[rim] *= 1.8
-    sigma = np.float32(0.012) * scale
+    sigma = np.float32(0.012 * PROTOCOLS[check_protocol(protocol)]["noise"]) * scale
     water = np.abs(water + sigma * rng.standard_normal(water.shape, dtype=np.float32))
     fat = np.abs(fat + sigma * rng.standard_normal(fat.shape, dtype=np.float32))
     if any(a["flag"] == "water_fat_swap" and a["station"] == station for a in artefacts):

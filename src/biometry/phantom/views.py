@@ -74,6 +74,10 @@ def availability_by_group(observed: pd.DataFrame) -> pd.DataFrame:
 
 
 def complete_share(observed: pd.DataFrame) -> float:
-    """Share of subjects that have every field column of ``fields.csv``."""
-    cols = [c for c in observed.columns if c != "eid"]
+    """Share of subjects that have every UKB showcase column of ``fields.csv``.
+
+    The thigh study's functional measures (columns named after their key, not UKB fields) do not
+    count: the external cohort's ``exercise`` label is never present in a main cohort.
+    """
+    cols = [c for c in observed.columns if _fields.parse_column(c)]
     return float(observed[cols].notna().all(axis=1).mean())

@@ -172,8 +172,8 @@ def read_record(root: Path, eid: str, key: dict | None = None) -> dict | None:
 
 
 def _generate_one(root: str, eid: str, seed: int, scale: float, station_format: str,
-                  key: dict) -> str:
-    subject = cohort.make_subject(eid, seed, scale, stations=True)
+                  key: dict, protocol: str = "ukb") -> str:
+    subject = cohort.make_subject(eid, seed, scale, stations=True, protocol=protocol)
     write_subject(Path(root), subject, station_format, key)
     return eid
 
@@ -209,7 +209,7 @@ def _clear(root: Path, keep_eids: set[str] | None) -> None:
 
 def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scale: float = 1.0,
                     workers: int = 1, overwrite: bool = False, station_format: str = "nifti",
-                    progress: bool = True) -> Path:
+                    progress: bool = True, external: bool = False) -> Path:
     """Generate a phantom cohort that looks like a UKB release (layout in the module docstring).
 
     Parameters
@@ -225,6 +225,9 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
     station_format : ``"nifti"``, ``"zip"`` (UKB bulk zips via :func:`biometry.data.ingest.write_ukb_zip`)
         or ``"both"``.
     progress : show a tqdm progress bar on stderr.
+    external : an external cohort for the thigh-function study: other subjects (8-digit volunteer
+        ids), other noise and contrast, only the self-reported ``exercise`` label among the
+        functional measures (:mod:`biometry.phantom.function`).
 
     Returns
     -------
@@ -249,7 +252,11 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
                               f"(or resume) a cohort there")
     root.mkdir(parents=True, exist_ok=True)
     key = _cohort_key(seed, scale, station_format)
-    eids = cohort.cohort_eids(n_subjects, seed)
+    protocol = "external" if external else "ukb"
+    if external:  # only then: a UKB cohort's key (and cohort.json) stays as it was
+        key["protocol"] = protocol
+    eids = (cohort.external_eids if external else cohort.cohort_eids)(n_subjects, seed)
+    seed_of = cohort.external_subject_seed if external else cohort.subject_seed
     try:
         old = json.loads((root / "cohort.json").read_text())
         same = {k: old.get(k) for k in key} == key
@@ -269,13 +276,13 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
     try:
         if workers == 1 or len(todo) <= 1:
             for i, e in todo:
-                _generate_one(str(root), e, cohort.subject_seed(seed, i), scale, station_format, key)
+                _generate_one(str(root), e, seed_of(seed, i), scale, station_format, key, protocol)
                 if bar is not None:
                     bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as ex:
-                futs = [ex.submit(_generate_one, str(root), e, cohort.subject_seed(seed, i), scale,
-                                  station_format, key) for i, e in todo]
+                futs = [ex.submit(_generate_one, str(root), e, seed_of(seed, i), scale,
+                                  station_format, key, protocol) for i, e in todo]
                 for fut in as_completed(futs):
                     fut.result()
                     if bar is not None:
@@ -333,6 +340,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--station-format", choices=STATION_FORMATS, default="nifti",
                     help="write stations as NIfTI, UKB bulk zips, or both (default nifti)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--external", action="store_true",
+                    help="an external cohort for the thigh study: other noise and contrast, "
+                         "volunteer ids, only a self-reported exercise label")
     return ap.parse_args(argv)
 
 
@@ -352,7 +362,7 @@ def _main(argv: list[str]) -> int:
     try:
         generate_cohort(out, a.subjects, a.seed, scale=a.scale, workers=a.workers,
                         overwrite=a.overwrite, station_format=a.station_format,
-                        progress=not a.no_progress)
+                        progress=not a.no_progress, external=a.external)
     except (ValueError, FileExistsError) as exc:
         raise UsageError(str(exc)) from None
     print(f"phantom cohort of {a.subjects} subjects written to {out}")

@@ -105,6 +105,9 @@ def study_train_specs(study, fields: Sequence[str] | None = None,
                       folds: Sequence[int] | None = None,
                       extra: dict[str, Any] | None = None) -> list[RunSpec]:
     """The training runs of a study: one per (field or network group, fold)."""
+    if getattr(study, "thigh", None):
+        raise ValueError(f"study {study.name!r} is a thigh-function study (frozen slice-wise "
+                         f"backbone): run it with `biometry thigh --study {study.name}`")
     chosen = list(study.fields) if not fields else catalogue.validate(fields)
     missing = [f for f in chosen if f not in study.fields]
     if missing:

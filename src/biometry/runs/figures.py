@@ -25,7 +25,11 @@ FIGURE_NOTEBOOKS: tuple[str, ...] = (
     "table1_field_metrics",
     "table2_dxa_mri",
     "stable5_bilateral_symmetry",
+    "table_thigh_function",
 )
+#: the figure notebooks of a thigh-function study (a study with a ``thigh:`` block), which has
+#: no per-field training runs: its figures read the ``thigh`` stage instead of 04/05
+THIGH_FIGURES: tuple[str, ...] = ("table_thigh_function",)
 
 
 def figures_dir_for(study: str, figures_root: str | Path | None = None) -> Path:
@@ -45,15 +49,18 @@ def build_figures(study: str, runs_root: str | Path | None = None,
     name, study = loaded.name, str(loaded.path)
     runs_root = Path(runs_root) if runs_root else default_runs_root(loaded)
     common = {"study": study, "runs_root": str(runs_root)}
-    for stage in ("agreement", "feature_space") if analyses else ():
+    stages = ("thigh",) if loaded.thigh else ("agreement", "feature_space")
+    notebooks = [nb for nb in FIGURE_NOTEBOOKS if (nb in THIGH_FIGURES) == bool(loaded.thigh)]
+    for stage in stages if analyses or loaded.thigh else ():
         # the analyses are cheap next to training: re-run them so the figures match the runs
-        res = execute_run(RunSpec(name, stage, dict(common)), runs_root, force=True)
+        # (the thigh study trains networks: run it only when it has not finished)
+        res = execute_run(RunSpec(name, stage, dict(common)), runs_root, force=stage != "thigh")
         if res.status == "failed":
             report([res], stream=sys.stderr)
             return 1
     out_dir = figures_dir_for(study, figures_root)
     specs = [RunSpec(name, "figures", {**common, "out_dir": str(out_dir)}, field=nb,
-                     notebook=f"{nb}.ipynb") for nb in FIGURE_NOTEBOOKS]
+                     notebook=f"{nb}.ipynb") for nb in notebooks]
     # figures are cheap and must reflect the current analysis outputs: always rebuild them
     results = run_batch(specs, root=runs_root, force=True, progress=progress)
     failed = report(results)

@@ -51,6 +51,7 @@ STAGES: dict[str, str] = {
     "evaluate": "03_evaluate_field.ipynb",
     "agreement": "04_agreement.ipynb",
     "feature_space": "05_feature_space.ipynb",
+    "thigh": "10_thigh_function.ipynb",
 }
 DONE = "done.json"
 FAILED = "failed.json"
