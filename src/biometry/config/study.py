@@ -38,7 +38,7 @@ from biometry.config.training import TrainConfig
 
 _TOP_KEYS = {"name", "description", "data", "format", "fields", "multi_field", "folds",
              "train_folds", "split_seed", "calibration", "min_labelled_per_fold", "training",
-             "dispatch", "network_name"}
+             "dispatch", "network_name", "liver"}
 _REQUIRED = {"name", "data", "format", "fields", "folds", "training"}
 
 
@@ -69,6 +69,9 @@ class Study:
     #: run-folder name of the one network of a multi-field study
     #: (``papermill_runs/<study>/train/<network_name>/fold_<k>/``)
     network_name: str = "all"
+    #: the liver study's multi-atlas settings (``biometry.analysis.atlas.AtlasConfig``); a
+    #: study with this block gets the ``liver`` stage (notebooks/07_liver_fat.ipynb)
+    liver: Mapping[str, Any] | None = None
 
     @property
     def formats_needed(self) -> tuple[str, ...]:
@@ -119,7 +122,8 @@ class Study:
                 "calibration": self.calibration,
                 "min_labelled_per_fold": self.min_labelled_per_fold,
                 "training": self.training.to_dict(), "dispatch": dict(self.dispatch),
-                "network_name": self.network_name}
+                "network_name": self.network_name,
+                **({"liver": dict(self.liver)} if self.liver is not None else {})}
 
 
 def available_studies() -> list[str]:
@@ -209,7 +213,8 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
         calibration=bool(raw.get("calibration", False)),
         min_labelled_per_fold=int(raw.get("min_labelled_per_fold", 2)), training=training,
         dispatch=dict(raw.get("dispatch") or {}), path=path,
-        network_name=str(raw.get("network_name", "all")))
+        network_name=str(raw.get("network_name", "all")),
+        liver=None if raw.get("liver") is None else dict(raw["liver"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
     for key in study.fields:
         _stage(RunSpec(study.name, "evaluate", {"study": str(study.path), "field": key,
                                                 "runs_root": str(root)}, field=key), root, force)
+    if study.liver is not None:  # the liver study: network on B, multi-atlas, comparison
+        _stage(RunSpec(study.name, "liver", {"study": str(study.path), "runs_root": str(root)}),
+               root, force)
     if figures:  # runs 04_agreement and 05_feature_space, then every figure notebook
         if build_figures(str(study.path), runs_root=root):
             raise RuntimeError("some figure notebooks failed (see above)")

@@ -26,6 +26,8 @@ FIGURE_NOTEBOOKS: tuple[str, ...] = (
     "table1_field_metrics",
     "table2_dxa_mri",
     "stable5_bilateral_symmetry",
+    "table1_liver_fat",
+    "fig02_liver_bland_altman",
 )
 
 

@@ -41,6 +41,7 @@ STAGES: dict[str, str] = {
     "evaluate": "03_evaluate_field.ipynb",
     "agreement": "04_agreement.ipynb",
     "feature_space": "05_feature_space.ipynb",
+    "liver": "07_liver_fat.ipynb",
 }
 DONE = "done.json"
 FAILED = "failed.json"
