@@ -113,7 +113,7 @@ def run_liver_study(study, run_dir: str | Path, runs_root=None, data_dir=None,
         "field": FIELD, "atlas": cfg.to_dict(), "correction": correction,
         "templates": [t.eid for t in templates],
         "n": {k: int((values["dataset"] == k).sum()) for k in ("A", "B", "C")},
-        "atlas_failed": values.loc[values["error"].fillna("") != "", "error"].tolist(),
+        "atlas_failed": [e for e in values["error"].dropna() if e],
         "seconds_per_subject": {
             "atlas": seconds_atlas / max(n_atlas, 1),
             # training on A plus inference on B, per subject of B (CV runs not included)
