@@ -35,6 +35,16 @@ from biometry.phantom.cohort import subject_seed
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
 def network_seconds(study, repeats: int = 3) -> float:
     cfg = study.training
     c, h, w = study.image_shape()
@@ -83,7 +93,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     atlas_s = float(df.seconds.median())
     text = (
-        f"Measured by `benchmarks/atlas.py` on {dt.date.today()}: {platform.processor() or 'CPU'}, "
+        f"Measured by `benchmarks/atlas.py` on {dt.date.today()}: {cpu_name()}, "
         f"{os.cpu_count()} CPUs shared with other jobs (load average {load:.0f} during the run, so "
         f"absolute times are pessimistic), one thread each, SimpleITK "
         f"{atlas.sitk.Version.VersionString()}, torch {torch.__version__}. Preset `{a.study}` "

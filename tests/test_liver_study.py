@@ -118,3 +118,18 @@ def test_bad_template_and_missing_target_are_reported_and_skipped(liver_run, tmp
     assert messages == ["atlas: subject 9999999: no station images in " + str(cohort)]
     assert np.isnan(qc.atlas_raw[0]) and qc.error[0].startswith("subject 9999999")
     assert np.isfinite(qc.atlas_raw[1]) and qc.error[1] == "" and qc.mask_voxels[1] > 0
+
+
+def test_table_and_figure_notebooks_draw_from_the_run(liver_run, tmp_path):
+    study, cohort, run_dir, metrics, _ = liver_run
+    from biometry.config.paths import notebooks_dir
+    from biometry.runs.notebook import execute_notebook
+
+    runs_root = run_dir.parents[1]
+    for nb in ("table1_liver_fat", "fig02_liver_bland_altman"):
+        execute_notebook(notebooks_dir() / f"{nb}.ipynb", tmp_path / f"{nb}.ipynb",
+                         parameters={"study": str(study.path), "runs_root": str(runs_root),
+                                     "out_dir": str(tmp_path / "figs")})
+    table = pd.read_csv(tmp_path / "figs" / "table1_liver_fat.csv")
+    assert table.equals(pd.read_csv(run_dir / "comparison.csv"))
+    assert (tmp_path / "figs" / "fig02_liver_bland_altman.png").stat().st_size > 10_000

@@ -63,6 +63,9 @@ class AtlasConfig:
     threads : ITK threads per registration (1 keeps results reproducible to the bit).
     masks_dir : real data: the folder of template liver masks ``<eid>_liver.nii.gz``, each on
         its subject's fused grid (phantom studies use the generator's truth labels).
+    images_dir : real data: where the subjects' NIfTI stations are (``nifti/<eid>/`` or
+        ``<eid>/`` folders, as ``biometry ingest`` writes them); default: the folder of
+        ``fields.csv``.
     """
 
     templates: int = 5
@@ -77,6 +80,7 @@ class AtlasConfig:
     comparison_seed: int = 0
     threads: int = 1
     masks_dir: str | None = None
+    images_dir: str | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping | None, where: str = "liver") -> AtlasConfig:

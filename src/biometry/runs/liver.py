@@ -85,12 +85,13 @@ def run_liver_study(study, run_dir: str | Path, runs_root=None, data_dir=None,
     masks, label = template_masks(study, paths.cohort, sorted(a["eid"]))
     desc = atlas.mask_descriptors(masks, label)
     chosen = atlas.choose_templates(desc, min(cfg.templates, len(desc)))
-    spacing = phantom_spacing(paths.cohort) if paths.cohort.is_dir() else None
-    templates = atlas.load_templates(paths.cohort, {e: masks[e] for e in chosen}, cfg, spacing,
+    images = Path(cfg.images_dir) if cfg.images_dir else paths.cohort
+    spacing = phantom_spacing(images) if images.is_dir() else None
+    templates = atlas.load_templates(images, {e: masks[e] for e in chosen}, cfg, spacing,
                                      label, log=log)
     targets = sorted(values.loc[values["dataset"].isin(["A", "C"]), "eid"])
     t0 = time.perf_counter()
-    qc = atlas.run_atlas(paths.cohort, targets, templates, cfg, spacing, log=log)
+    qc = atlas.run_atlas(images, targets, templates, cfg, spacing, log=log)
     seconds_atlas = time.perf_counter() - t0
     values = values.merge(qc, on="eid", how="left")
     in_a = values["dataset"] == "A"
