@@ -82,6 +82,16 @@ def test_segment_measures_the_fat_fraction_inside_the_warped_masks():
     assert atlas.segment(t, templates + [_subject(target, mask, CFG)], CFG)["templates_used"] == 2
 
 
+def test_segment_is_reproducible():
+    mask = np.zeros((24, 20, 30), bool)
+    mask[9:15, 8:12, 10:20] = True
+    templates = [_subject(_volume(eid=e, seed=i + 2), mask, CFG)
+                 for i, e in enumerate(["3000001", "3000002"])]
+    t = _subject(_volume(eid="2000001", seed=1), None, CFG)
+    first, second = atlas.segment(t, templates, CFG), atlas.segment(t, templates, CFG)
+    assert np.array_equal(first.pop("mask"), second.pop("mask")) and first == second
+
+
 def test_empty_final_mask_names_the_subject():
     target = _volume(eid="2000002", seed=1)
     one_voxel = np.zeros(target.shape, bool)

@@ -37,8 +37,8 @@ def liver_run(tmp_path_factory):
                      "loss": "mse", "optimizer": "adam", "lr": 1e-3, "batch_size": 8,
                      "iterations": 4, "lr_steps": [3], "translate_px": 2, "seed": 0,
                      "checkpoint_every": 2, "num_workers": 0},
-        "liver": {"templates": 2, "spacing_mm": 12.0, "erode_mm": 0.0,
-                  "affine_iterations": 15, "bspline_iterations": 0, "comparison_size": 3},
+        "liver": {"templates": 2, "spacing_mm": 16.0, "erode_mm": 0.0,
+                  "affine_iterations": 10, "bspline_iterations": 0, "comparison_size": 3},
     }
     path = root / "tinyliver.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -46,7 +46,7 @@ STAGES: dict[str, str] = {
 DONE = "done.json"
 FAILED = "failed.json"
 _PACKAGES = ("biometry", "numpy", "scipy", "pandas", "torch", "torchvision", "nibabel", "pydicom",
-             "scikit-learn", "statsmodels", "papermill", "dask", "umap-learn")
+             "scikit-learn", "statsmodels", "papermill", "dask", "umap-learn", "SimpleITK")
 
 
 @dataclass(frozen=True)
