@@ -194,10 +194,11 @@ def test_comparison_subset_is_seeded_and_sized():
     assert liver.comparison_subset(b[:4], 10, seed=3) == sorted(b[:4])
 
 
-def test_registration_recovers_a_known_shift():
+@pytest.mark.parametrize("bspline_iterations", [0, 3])
+def test_registration_recovers_a_known_shift(bspline_iterations):
     vol = _volume(shape=(30, 26, 34), eid="4000001")
     cfg = atlas.AtlasConfig(spacing_mm=4.0, top_fraction=1.0, affine_iterations=40,
-                            bspline_iterations=0)
+                            bspline_iterations=bspline_iterations, bspline_mesh_mm=60.0)
     fixed = _subject(vol, None, cfg).image
     shifted = sitk.Resample(fixed, sitk.TranslationTransform(3, (6.0, 0.0, -5.0)))
     transform, metric = atlas.register(fixed, shifted, cfg)
