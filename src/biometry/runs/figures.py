@@ -29,6 +29,8 @@ FIGURE_NOTEBOOKS: tuple[str, ...] = (
     "table1_liver_fat",
     "fig02_liver_bland_altman",
 )
+#: figure notebooks that read the feature-space stage (left out for a one-field study)
+FEATURE_SPACE_NOTEBOOKS: tuple[str, ...] = ("fig02_umap",)
 
 
 def figures_dir_for(study: str, figures_root: str | Path | None = None) -> Path:
@@ -38,9 +40,12 @@ def figures_dir_for(study: str, figures_root: str | Path | None = None) -> Path:
 def build_figures(study: str, runs_root: str | Path | None = None,
                   figures_root: str | Path | None = None, progress: bool = True) -> int:
     """Run the analysis stages (if needed) and every figure notebook; return the failure count."""
-    name = load_study(study).name
+    loaded = load_study(study)
+    name = loaded.name
+    # a UMAP of the fields needs two of them: a one-field study (liver) has no feature space
+    several = len(loaded.fields) > 1
     common = {"study": study, "runs_root": str(runs_root) if runs_root else None}
-    for stage in ("agreement", "feature_space"):
+    for stage in ("agreement", "feature_space") if several else ("agreement",):
         # the analyses are cheap next to training: re-run them so the figures match the runs
         res = execute_run(RunSpec(name, stage, dict(common)), runs_root, force=True)
         if res.status == "failed":
@@ -48,7 +53,8 @@ def build_figures(study: str, runs_root: str | Path | None = None,
             return 1
     out_dir = figures_dir_for(name, figures_root)
     specs = [RunSpec(name, "figures", {**common, "out_dir": str(out_dir)}, field=nb,
-                     notebook=f"{nb}.ipynb") for nb in FIGURE_NOTEBOOKS]
+                     notebook=f"{nb}.ipynb") for nb in FIGURE_NOTEBOOKS
+             if several or nb not in FEATURE_SPACE_NOTEBOOKS]
     # figures are cheap and must reflect the current analysis outputs: always rebuild them
     results = run_batch(specs, root=runs_root, force=True, progress=progress)
     failed = report(results)
