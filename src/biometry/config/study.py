@@ -43,7 +43,8 @@ from biometry.config.training import TrainConfig
 
 _TOP_KEYS = {"name", "description", "data", "format", "fields", "multi_field", "folds",
              "train_folds", "split_seed", "calibration", "min_labelled_per_fold", "training",
-             "dispatch", "network_name", "stratify", "thigh"}
+             "dispatch", "network_name", "stratify", "thigh", "liver",
+             "saliency"}
 #: the ``thigh:`` block of a thigh-function study (docs/thigh.md) and its defaults
 THIGH_DEFAULTS: dict[str, Any] = {
     "backbone": "weights",         # "weights": training.weights (ImageNet file, a path);
@@ -93,6 +94,12 @@ class Study:
     stratify: str | None = None
     #: the thigh-function study's settings (THIGH_DEFAULTS filled in); empty for other studies
     thigh: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: the liver study's multi-atlas settings (``biometry.analysis.atlas.AtlasConfig``); a
+    #: study with this block gets the ``liver`` stage (notebooks/07_liver_fat.ipynb)
+    liver: Mapping[str, Any] | None = None
+    #: fields whose guided Grad-CAM saliency ``biometry study run`` aggregates, and subjects per
+    #: sex: ``{fields: [...], subjects: 60}`` (docs/saliency.md); None: only on request
+    saliency: Mapping[str, Any] | None = None
 
     @property
     def formats_needed(self) -> tuple[str, ...]:
@@ -144,7 +151,9 @@ class Study:
                 "min_labelled_per_fold": self.min_labelled_per_fold,
                 "training": self.training.to_dict(), "dispatch": dict(self.dispatch),
                 "network_name": self.network_name, "stratify": self.stratify,
-                **({"thigh": dict(self.thigh)} if self.thigh else {})}
+                **({"thigh": dict(self.thigh)} if self.thigh else {}),
+                **({"liver": dict(self.liver)} if self.liver is not None else {}),
+                **({"saliency": dict(self.saliency)} if self.saliency is not None else {})}
 
 
 def check_lr_steps(training: TrainConfig, where: str = "training") -> None:
@@ -276,7 +285,22 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
         calibration=bool(raw.get("calibration", False)),
         min_labelled_per_fold=int(raw.get("min_labelled_per_fold", 2)), training=training,
         dispatch=dict(raw.get("dispatch") or {}), path=path,
-        network_name=str(raw.get("network_name", "all")), thigh=thigh)
+        network_name=str(raw.get("network_name", "all")), thigh=thigh,
+        liver=None if raw.get("liver") is None else dict(raw["liver"]),
+        saliency=_saliency_settings(raw.get("saliency"), keys, where))
+
+
+
+def _saliency_settings(raw: Any, keys: list[str], where: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) - {"fields", "subjects"}:
+        raise StudyError(f"{where}: saliency must be {{fields: [...], subjects: N}}")
+    fields = [str(k) for k in raw.get("fields") or []]
+    missing = [k for k in fields if k not in keys]
+    if missing:
+        raise StudyError(f"{where}: saliency.fields {', '.join(missing)} are not fields of the study")
+    return {"fields": fields, "subjects": int(raw.get("subjects", 200))}
 
 
 def _thigh_settings(raw: Any, where: str) -> dict[str, Any]:

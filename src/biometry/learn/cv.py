@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from biometry import fileio
 from biometry.config.study import data_paths, resolve_study, with_iterations
 from biometry.data.store import Store
 from biometry.data.tables import references_from_fields_csv
+from biometry.learn.bundle import load_model, predict
 from biometry.learn.splits import fold_indices, load_or_create_splits
 from biometry.learn.trainer import train
 
@@ -75,6 +77,40 @@ def train_fold(study, unit: str, fold: int, run_dir: str | Path, fields: list[st
     images = store.load(study.format)  # into memory: training indexes it at random
     return train(config, images, targets, train_idx, val_idx, Path(run_dir), eids=eids,
                  field_keys=keys, fold=fold, progress=progress)
+
+
+def train_final(study, unit: str, run_dir: str | Path, fields: list[str] | None = None,
+                data_dir=None, runs_root=None, iterations: int | None = None,
+                progress: bool = True) -> pd.DataFrame:
+    """Train ``unit`` on every labelled subject, then predict every subject without a label.
+
+    The liver study's dataset B. The network is trained with no held-out subjects (``model.pt``
+    in ``run_dir``); ``predictions_unlabelled.csv`` there holds ``eid, fold (-1), field,
+    reference (NaN), prediction, variance`` for the subjects with no reference, and is returned.
+    """
+    study = resolve_study(study)
+    keys = [str(k) for k in (fields or ([unit] if not study.multi_field else study.fields))]
+    store, eids, targets, _ = load_targets(study, keys, data_dir, runs_root)
+    labelled = ~np.isnan(targets).all(axis=1)
+    config = study.training
+    if iterations:
+        config = with_iterations(config, int(iterations))  # lr_steps scale with it
+    images = store.load(study.format)
+    run_dir = Path(run_dir)
+    train(config, images, targets, np.flatnonzero(labelled), np.zeros(0, np.int64), run_dir,
+          eids=eids, field_keys=keys, fold=-1, progress=progress)
+    rows = np.flatnonzero(~labelled)
+    pred = predict(load_model(run_dir), images[rows], device=config.device)
+    if pred.ndim == 3:  # mean_variance: (N, T, 2)
+        mean, var = pred[..., 0], pred[..., 1]
+    else:
+        mean, var = pred, np.full_like(pred, np.nan)
+    table = pd.concat([pd.DataFrame({
+        "eid": [eids[i] for i in rows], "fold": -1, "field": key, "reference": np.nan,
+        "prediction": mean[:, j], "variance": var[:, j]}) for j, key in enumerate(keys)],
+        ignore_index=True)
+    fileio.write_csv(run_dir / "predictions_unlabelled.csv", table, index=False)
+    return table
 
 
 def read_predictions(run_dir: str | Path) -> pd.DataFrame:

@@ -229,6 +229,15 @@ def draw_parameters(rng: np.random.Generator) -> dict[str, float]:
     p["lean_width"] = 1.0
     p["fat_thickness"] = 20.0
     solve_body(p)
+    # liver shape and position, drawn last so that every earlier draw (and every field but the
+    # label counts around the liver) stays what it was: the half-axes vary independently
+    # (SD 12 %, so the liver is sometimes long and flat, sometimes round) and the centre moves
+    # by SD 9 mm left-right, 7 mm anterior-posterior and 14 mm up-down (breathing, habitus):
+    # enough that no single template overlaps every subject's liver well (docs/liver.md)
+    for axis in ("u", "v", "h"):
+        p[f"liver_aspect_{axis}"] = float(np.clip(rng.normal(1.0, 0.12), 0.7, 1.35))
+    for axis, sd in (("u", 9.0), ("v", 7.0), ("h", 14.0)):
+        p[f"liver_shift_{axis}"] = float(np.clip(rng.normal(0.0, sd), -2.5 * sd, 2.5 * sd))
     return p
 
 
@@ -347,8 +356,12 @@ class Body:
         ls = p["liver_size"] * wscale * (1 + 0.8 * p["liver_fat_fraction"])
         hl = 0.665 * H
         tl = self.trunk(np.array([hl]))
-        liver = (-0.42 * tl["a_cav"][0] + su, tl["v_cav"][0] - 0.05 * tl["b_cav"][0], hl,
-                 80 * ls, 68 * ls, 62 * ls)
+        lp = p.get
+        liver = (-0.42 * tl["a_cav"][0] + su + lp("liver_shift_u", 0.0),
+                 tl["v_cav"][0] - 0.05 * tl["b_cav"][0] + lp("liver_shift_v", 0.0),
+                 hl + lp("liver_shift_h", 0.0),
+                 80 * ls * lp("liver_aspect_u", 1.0), 68 * ls * lp("liver_aspect_v", 1.0),
+                 62 * ls * lp("liver_aspect_h", 1.0))
         hk = 0.635 * H
         tk = self.trunk(np.array([hk]))
         ks = p["kidney_size"] * wscale

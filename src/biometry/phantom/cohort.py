@@ -19,7 +19,7 @@ from biometry.phantom import anatomy, function, measure, signal
 from biometry.phantom.anatomy import FOV_HEIGHT_MM, Grid
 
 #: version of the generator's model; a cohort records it in ``cohort.json``
-PHANTOM_VERSION = "1"
+PHANTOM_VERSION = "2"  # 2: liver shape/position vary; planted reference outliers in truth
 #: the table position puts the FOV centre at world z = 0
 W_ISO = FOV_HEIGHT_MM / 2
 

@@ -297,8 +297,11 @@ def measure_fields(p: dict[str, float], labels: np.ndarray, grid: Grid,
     f["22436"] = float(max(0.0, lff + rng.normal(0.0, 0.35)))
     # dedicated liver MRI (3 ROIs): mild non-linearity, noise, gross outliers
     ref = 1.08 * lff + 0.012 * lff ** 2 - 0.3 + rng.normal(0.0, 0.45)
-    if rng.random() < 0.01:
+    outlier = rng.random() < 0.01
+    if outlier:
         ref = lff * rng.uniform(2.0, 4.0) + rng.uniform(3.0, 10.0)
+    # planted gross errors of the reference, for the liver study's outlier search to find
+    truth["liver_fat_reference_outlier"] = float(outlier)
     f["22402"] = float(np.clip(ref, 0.0, 46.0))
     # DXA
     dxa, dtruth = dxa_fields(p, labels, grid, rng)

@@ -202,6 +202,40 @@ def image_grid(images, titles=None, channel: int = 0, ncols: int = 5) -> Figure:
     return fig
 
 
+def bland_altman_panels(panels, unit: str = "", threshold: float | None = None) -> Figure:
+    """Bland-Altman plots side by side (the liver study's Fig. 2).
+
+    Parameters
+    ----------
+    panels : sequence of (title, truth, other) with paired arrays (NaN pairs left out); the
+        difference drawn is other − truth against the mean of the pair.
+    unit : axis unit.
+    threshold : if given, a dotted vertical line at this mean (e.g. 5.5 % fatty liver).
+
+    Returns
+    -------
+    Figure
+        One panel per entry with the bias and ±1.96 SD (ddof=1) limits, titled with N and them.
+    """
+    u = f" [{unit}]" if unit else ""
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(3.2 * len(panels), 3.0)
+        axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+        for ax, (title, truth, other) in zip(axes, panels):
+            a, b = np.asarray(truth, float), np.asarray(other, float)
+            ok = ~(np.isnan(a) | np.isnan(b))
+            a, b = a[ok], b[ok]
+            bias, low, high = stats.limits_of_agreement(b, a)
+            ax.scatter((a + b) / 2, b - a, s=6, alpha=0.6, lw=0, color="#1f77b4")
+            for y, style in ((bias, "-"), (low, "--"), (high, "--")):
+                ax.axhline(y, color="#d62728", lw=0.9, ls=style)
+            if threshold is not None:
+                ax.axvline(threshold, color="0.5", lw=0.8, ls=":")
+            ax.set(xlabel=f"mean{u}", ylabel=f"difference{u}",
+                   title=f"{title}\nN={a.size}, bias {bias:.2f}, LoA {low:.2f} to {high:.2f}")
+    return fig
+
+
 def save_figure(fig: Figure, path_without_ext: str | os.PathLike,
                 formats: tuple[str, ...] = ("pdf", "png")) -> list[Path]:
     """Write ``fig`` as ``<path>.pdf`` and ``<path>.png`` atomically and byte-reproducibly.

@@ -26,10 +26,14 @@ FIGURE_NOTEBOOKS: tuple[str, ...] = (
     "table2_dxa_mri",
     "stable5_bilateral_symmetry",
     "table_thigh_function",
+    "table1_liver_fat",
+    "fig02_liver_bland_altman",
 )
 #: the figure notebooks of a thigh-function study (a study with a ``thigh:`` block), which has
 #: no per-field training runs: its figures read the ``thigh`` stage instead of 04/05
 THIGH_FIGURES: tuple[str, ...] = ("table_thigh_function",)
+#: figure notebooks that read the feature-space stage (left out for a one-field study)
+FEATURE_SPACE_NOTEBOOKS: tuple[str, ...] = ("fig02_umap",)
 
 
 def figures_dir_for(study: str, figures_root: str | Path | None = None) -> Path:
@@ -49,8 +53,14 @@ def build_figures(study: str, runs_root: str | Path | None = None,
     name, study = loaded.name, str(loaded.path)
     runs_root = Path(runs_root) if runs_root else default_runs_root(loaded)
     common = {"study": study, "runs_root": str(runs_root)}
-    stages = ("thigh",) if loaded.thigh else ("agreement", "feature_space")
-    notebooks = [nb for nb in FIGURE_NOTEBOOKS if (nb in THIGH_FIGURES) == bool(loaded.thigh)]
+    # a UMAP of the fields needs two of them: a one-field study (liver) has no feature space
+    several = len(loaded.fields) > 1
+    if loaded.thigh:
+        stages = ("thigh",)
+    else:
+        stages = ("agreement", "feature_space") if several else ("agreement",)
+    notebooks = [nb for nb in FIGURE_NOTEBOOKS if (nb in THIGH_FIGURES) == bool(loaded.thigh)
+                 and (several or nb not in FEATURE_SPACE_NOTEBOOKS)]
     for stage in stages if analyses or loaded.thigh else ():
         # the analyses are cheap next to training: re-run them so the figures match the runs
         # (the thigh study trains networks: run it only when it has not finished)

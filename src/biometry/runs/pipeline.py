@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,15 +61,27 @@ from biometry.runs.runner import (
 SCOPES = ("network", "field", "study", "figures")
 
 
+def _always(_study: Study) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One stage of a study: its name on the command line, notebook, scope and needs."""
+    """One stage of a study: its name on the command line, notebook, scope and needs.
+
+    ``applies`` says whether ``biometry study run`` includes it for a study (a stage that does
+    not apply can still be run by name); ``fields`` gives a per-field stage's default fields
+    (default: all of the study's), and ``parameters`` extra notebook parameters from the study.
+    """
 
     name: str
     notebook: str | None  # in notebooks/; None for the figures, built by biometry.runs.figures
     scope: str
     needs: tuple[str, ...] = ()
     help: str = ""
+    applies: Callable[[Study], bool] = _always
+    fields: Callable[[Study], Sequence[str]] | None = None
+    parameters: Callable[[Study], dict[str, Any]] | None = None
 
     @property
     def folder(self) -> str:
@@ -77,19 +89,47 @@ class Stage:
         return self.name.replace("-", "_")
 
 
+def _networks(study: Study) -> bool:  # a thigh-function study trains in its own stage
+    return not study.thigh
+
+
+def _several_fields(study: Study) -> bool:  # a UMAP of the fields needs at least two
+    return not study.thigh and len(study.fields) > 1
+
+
+def _saliency_fields(study: Study) -> list[str]:
+    return list((study.saliency or {}).get("fields", []))
+
+
 #: the stages after `biometry prepare`, in the order `biometry study run` executes them
 PIPELINE: tuple[Stage, ...] = (
     Stage("train", "02_train.ipynb", "network", (),
-          "train the study's networks, one run per network and fold"),
+          "train the study's networks, one run per network and fold", applies=_networks),
     Stage("evaluate", "03_evaluate_field.ipynb", "field", ("train",),
-          "per field: metrics, linear baseline, AUC at the field's threshold, outliers"),
+          "per field: metrics, linear baseline, AUC at the field's threshold, outliers",
+          applies=_networks),
+    Stage("saliency", "06_saliency.ipynb", "field", ("train",),
+          "per field: guided Grad-CAM aggregated per sex by co-registration (docs/saliency.md)",
+          applies=lambda s: bool(_saliency_fields(s)), fields=_saliency_fields,
+          parameters=lambda s: {"n_subjects": int((s.saliency or {}).get("subjects", 200))}),
+    Stage("liver", "07_liver_fat.ipynb", "study", ("train",),
+          "liver fat: network on the unlabelled subjects, multi-atlas baseline, comparison "
+          "(docs/liver.md)", applies=lambda s: s.liver is not None),
+    Stage("thigh", "10_thigh_function.ipynb", "study", (),
+          "thigh function: frozen backbone, last layer per measure (docs/thigh.md)",
+          applies=lambda s: bool(s.thigh)),
     Stage("agreement", "04_agreement.ipynb", "study", ("train",),
-          "tables across fields: Table 1, DXA vs MRI, bilateral symmetry"),
+          "tables across fields: Table 1, DXA vs MRI, bilateral symmetry", applies=_networks),
     Stage("feature-space", "05_feature_space.ipynb", "study", (),
-          "UMAP of the study's reference fields"),
+          "UMAP of the study's reference fields", applies=_several_fields),
     Stage("figures", None, "figures", ("agreement", "feature-space"),
           "every figure and table notebook"),
 )
+
+
+def default_stages(study: Study) -> list[str]:
+    """The stages ``biometry study run`` executes for ``study``, in order."""
+    return [s.name for s in PIPELINE if s.applies(study)]
 
 
 class StageError(RuntimeError):
@@ -166,8 +206,10 @@ def stage_specs(study: Study, st: Stage, root: Path, data_dir=None,
         return []
     upstream = [u for need in st.needs for u in stage_specs(study, stage(need), root, data_dir,
                                                             with_identity=False)]
+    if st.parameters is not None:
+        common.update(st.parameters(study))
     if st.scope == "field":
-        keys = list(fields) if fields else list(study.fields)
+        keys = list(fields) if fields else list(st.fields(study) if st.fields else study.fields)
         return [RunSpec(study.name, st.folder, {**common, "field": k}, field=k,
                         notebook=st.notebook,
                         identity=derived_identity(study, st, upstream, root, data, k)
@@ -242,7 +284,7 @@ def check_needs(study: Study, st: Stage, root: Path, data_dir=None) -> None:
     """Every run of the stages that ``st`` reads is finished and current, else one line."""
     for need in st.needs:
         dep = stage(need)
-        if dep.scope == "figures":
+        if dep.scope == "figures" or not dep.applies(study):
             continue
         specs = stage_specs(study, dep, root, data_dir)
         missing = [s.label for s in specs if not is_finished(run_dir_for(s, root), s.identity)]
@@ -299,7 +341,7 @@ def run_study(study, runs_root=None, data_dir=None, workers: int = 1,
               progress: bool = True, log=print) -> None:
     """Every stage of :data:`PIPELINE` (or ``stages``) in order; stops at the first failure."""
     study = resolve_study(study)
-    chosen = [stage(s).name for s in stages] if stages else [s.name for s in PIPELINE]
+    chosen = [stage(s).name for s in stages] if stages else default_stages(study)
     for st in PIPELINE:
         if st.name not in chosen:
             continue

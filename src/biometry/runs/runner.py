@@ -52,11 +52,12 @@ STAGES: dict[str, str] = {
     "agreement": "04_agreement.ipynb",
     "feature_space": "05_feature_space.ipynb",
     "thigh": "10_thigh_function.ipynb",
+    "liver": "07_liver_fat.ipynb",
 }
 DONE = "done.json"
 FAILED = "failed.json"
 _PACKAGES = ("biometry", "numpy", "scipy", "pandas", "torch", "torchvision", "nibabel", "pydicom",
-             "scikit-learn", "statsmodels", "papermill", "dask", "umap-learn")
+             "scikit-learn", "statsmodels", "papermill", "dask", "umap-learn", "SimpleITK")
 
 
 @dataclass(frozen=True)
