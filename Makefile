@@ -45,7 +45,7 @@ LAB_PORT ?= 8888
 lab: $(STAMP) ## start JupyterLab on notebooks/ with the project's kernel (LAB_PORT=8888); prints the URL
 	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
 		--ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --no-browser \
-		--MappingKernelManager.default_kernel_name=python3
+		--MappingKernelManager.default_kernel_name=python3 $(if $(filter 0,$(shell id -u)),--allow-root)
 
 benchmarks: $(STAMP) ## run the benchmark scripts (figures go into BENCHMARKS.md by hand)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
