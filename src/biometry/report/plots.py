@@ -28,6 +28,8 @@ from matplotlib.figure import Figure
 
 from biometry import fileio
 from biometry.analysis import stats
+from biometry.analysis.embedding import SEX_CATEGORIES
+from biometry.config import fields
 
 STYLE = {
     "pdf.fonttype": 42,
@@ -157,7 +159,8 @@ def median_field_plot(field_metrics: pd.DataFrame, metric: str = "r2",
 
 def umap_grid(embeddings: Mapping[str, pd.DataFrame], labels: Mapping[str, str] | None = None,
               ncols: int | None = None, units: Mapping[str, str] | None = None,
-              categories: Mapping[str, Mapping[float, str]] | None = None) -> Figure:
+              categories: Mapping[str, Mapping[float, str]] | None = None,
+              title: str = "") -> Figure:
     """One UMAP panel per highlighted field, coloured by that field (Fig. 2 style).
 
     Parameters
@@ -174,6 +177,8 @@ def umap_grid(embeddings: Mapping[str, pd.DataFrame], labels: Mapping[str, str] 
     categories : mapping field -> {value: label}, optional
         Fields drawn in discrete colours with a legend instead of a colour bar (e.g. sex:
         ``{0: "female", 1: "male"}``).
+    title : str, optional
+        Figure title (wrapped).
 
     Each panel's title states the number of subjects N (the embedding's rows) and, where
     known, the number of fields that span its embedding.
@@ -209,7 +214,19 @@ def umap_grid(embeddings: Mapping[str, pd.DataFrame], labels: Mapping[str, str] 
             ax.set(xlabel="UMAP 1", ylabel="UMAP 2", xticks=[], yticks=[])
         for ax in axes[n:]:
             ax.set_axis_off()
+        if title:
+            fig.suptitle(wrap(title, 20 * ncols))
     return fig
+
+
+def feature_space_figure(embeddings: Mapping[str, pd.DataFrame], ncols: int = 2) -> Figure:
+    """Fig. 2: :func:`umap_grid` with each panel titled "name (id)", N and the number of fields,
+    colour bars labelled with the unit, and sex (field 31) in two colours."""
+    return umap_grid(embeddings, labels={k: f"{fields.get(k).name} ({k})" for k in embeddings},
+                     units={k: fields.get(k).unit for k in embeddings},
+                     categories={"31": SEX_CATEGORIES}, ncols=min(ncols, len(embeddings)),
+                     title="UMAP of the cohort's fields; each panel is embedded without the "
+                           "field it is coloured by")
 
 
 def image_grid(images, titles=None, channel: int = 0, ncols: int = 5,
