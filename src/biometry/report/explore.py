@@ -36,16 +36,12 @@ from biometry.config import fields
 from biometry.config.study import data_paths, resolve_study
 from biometry.data.store import Store
 from biometry.report import plots
+from biometry.report.plots import field_label
 
 #: two-sided 95 % normal quantile for the intervals drawn from a predicted variance
 Z95 = 1.959963984540054
 #: the columns of :meth:`FieldExplorer.metrics`, in order
 METRIC_COLUMNS = ["n", "r2", "mae", "mape", "pearson_r", "icc", "bias", "loa_low", "loa_high"]
-
-
-def field_label(key: str) -> str:
-    """``"MriVatVolume (22407)"``: the field's name with its id, as every title shows it."""
-    return f"{fields.get(key).name} ({key})"
 
 
 class FieldExplorer:

@@ -59,6 +59,22 @@ def axis_label(name: str, unit: str = "", what: str = "") -> str:
     return f"{text} [{unit}]" if unit else text
 
 
+def field_label(key: str) -> str:
+    """``"MriVatVolume (22407)"``: the field's name with its id (the key itself if unknown)."""
+    try:
+        return f"{fields.get(key).name} ({key})"
+    except (KeyError, ValueError):
+        return str(key)
+
+
+def field_unit(key: str) -> str:
+    """The field's unit in the catalogue ("" if unknown)."""
+    try:
+        return fields.get(key).unit
+    except (KeyError, ValueError):
+        return ""
+
+
 def wrap(text: str, width: int = 32) -> str:
     """Wrap a title to lines of at most ``width`` characters (a long field name stays inside)."""
     return "\n".join(textwrap.wrap(str(text), width, break_long_words=True)) if text else ""
@@ -222,8 +238,8 @@ def umap_grid(embeddings: Mapping[str, pd.DataFrame], labels: Mapping[str, str] 
 def feature_space_figure(embeddings: Mapping[str, pd.DataFrame], ncols: int = 2) -> Figure:
     """Fig. 2: :func:`umap_grid` with each panel titled "name (id)", N and the number of fields,
     colour bars labelled with the unit, and sex (field 31) in two colours."""
-    return umap_grid(embeddings, labels={k: f"{fields.get(k).name} ({k})" for k in embeddings},
-                     units={k: fields.get(k).unit for k in embeddings},
+    return umap_grid(embeddings, labels={k: field_label(k) for k in embeddings},
+                     units={k: field_unit(k) for k in embeddings},
                      categories={"31": SEX_CATEGORIES}, ncols=min(ncols, len(embeddings)),
                      title="UMAP of the cohort's fields; each panel is embedded without the "
                            "field it is coloured by")
@@ -381,7 +397,7 @@ def method_pairs(references: pd.DataFrame, pairs, ncols: int = 3) -> Figure:
                 continue
             r = stats.pearson_r(both[xk], both[yk])
             sns.regplot(x=both[xk].to_numpy(float), y=both[yk].to_numpy(float), ax=ax, ci=None,
-                        scatter_kws={"s": 5, "lw": 0, "alpha": 0.6},
+                        scatter_kws={"s": 5, "linewidths": 0, "alpha": 0.6},
                         line_kws={"lw": 1.0, "color": "#d62728"})
             if xu == yu:
                 lo = float(min(both.min()))
@@ -393,6 +409,20 @@ def method_pairs(references: pd.DataFrame, pairs, ncols: int = 3) -> Figure:
         for ax in axes[len(pairs):]:
             ax.set_axis_off()
     return fig
+
+
+def reference_method_pairs(references: pd.DataFrame, ncols: int = 3) -> Figure | None:
+    """:func:`method_pairs` for every pair of the catalogue (``config/data/field_pairs.csv``):
+    the MRI field (or the atlas liver fat) on x, the DXA field (or the liver-fat field) on y.
+    None when the table holds no pair (a cohort without DXA)."""
+    rows = []
+    for _, p in fields.pairs().iterrows():
+        x, y = fields.get(p["b"]), fields.get(p["a"])
+        rows.append((x.key, y.key, p["property"], f"{x.name} ({x.key})", f"{y.name} ({y.key})",
+                     x.unit, y.unit))
+    if not any(r[0] in references.columns and r[1] in references.columns for r in rows):
+        return None
+    return method_pairs(references, rows, ncols=ncols)
 
 
 def distributions_by_sex(table: pd.DataFrame, keys, sex: str = "sex",
@@ -408,10 +438,12 @@ def distributions_by_sex(table: pd.DataFrame, keys, sex: str = "sex",
     keys : sequence of str
         Fields, one panel each.
     labels, units : mapping key -> str, optional
-        The field's "name (id)" for the title and its unit for the axis.
+        The field's "name (id)" for the title and its unit for the axis (default: from the
+        catalogue).
     """
     keys = [str(k) for k in keys]
-    labels, units = dict(labels or {}), dict(units or {})
+    labels = {k: field_label(k) for k in keys} | dict(labels or {})
+    units = {k: field_unit(k) for k in keys} | dict(units or {})
     sexes = table[sex].map({0: "female", 1: "male"})
     ncols = min(ncols, len(keys))
     nrows = math.ceil(len(keys) / ncols)
