@@ -10,6 +10,8 @@ from biometry.config.paths import notebooks_dir
 from biometry.report.explore import Z95, FieldExplorer, field_label
 from biometry.runs.notebook import execute_notebook
 
+pytestmark = pytest.mark.slow  # the finished study takes a few seconds to build
+
 
 def test_metrics_beside_the_baseline_where_evaluated(finished_study):
     path, runs = finished_study
@@ -72,7 +74,6 @@ def test_a_study_without_runs_gives_a_note(finished_study, tmp_path):
     assert "no training runs" in note and "biometry run train" in note
 
 
-@pytest.mark.slow
 def test_explore_notebook_runs_headless_and_degrades(finished_study, tmp_path):
     path, runs = finished_study
     out = tmp_path / "explore.ipynb"

@@ -159,17 +159,29 @@ class FieldExplorer:
         f = fields.get(key)
         return plots.interval_plot(table, title=field_label(key), unit=f.unit, name=f.name)
 
+    def store(self) -> Store | None:
+        """The prepared store holding the study's format, or None where there is none."""
+        if self._store is None:
+            try:
+                store = Store.open(self.paths.prepared)
+                store.array(self.study.format)
+            except (FileNotFoundError, KeyError, ValueError):
+                return None
+            self._store = store
+        return self._store
+
     def outlier_images(self, key: str, n: int = 5):
         """The largest errors' network inputs side by side (None without a prepared store)."""
-        try:
-            self._store = self._store or Store.open(self.paths.prepared)
-            arr = self._store.array(self.study.format)
-        except (FileNotFoundError, KeyError, ValueError):
+        store = self.store()
+        if store is None:
             return None
+        arr = store.array(self.study.format)
         worst = self.outliers(key, n)
+        # a subject whose preparation failed has no images: show the others
+        worst = worst[worst["eid"].astype(str).isin(set(store.subjects["eid"].astype(str)))]
         if worst.empty:
             return None
-        rows = self._store.rows(worst["eid"].tolist())
+        rows = store.rows(worst["eid"].tolist())
         images = [np.asarray(arr[int(r)]) for r in rows]
         unit = fields.get(key).unit
         titles = [f"{e}: {err:+.3g} {unit}" for e, err in zip(worst["eid"], worst["error"])]
@@ -204,11 +216,12 @@ class FieldExplorer:
         if self.intervals(key) is None:
             out.append("no intervals: the runs wrote no `variance` (train a mean-variance head "
                        "for per-subject intervals)")
-        if self.outlier_images(key, 1) is None:
+        if self.store() is None:
             out.append(f"no input images: no prepared store with format {self.study.format!r} "
                        f"at {self.paths.prepared}")
-        if self.saliency(key) is None:
-            out.append(f"no saliency map yet: nothing in {self.saliency_dir(key)} "
+        folder = self.saliency_dir(key)
+        if not (folder / "saliency.png").is_file() and not any(folder.glob("aggregate_*.npy")):
+            out.append(f"no saliency map yet: nothing in {folder} "
                        "(run the saliency stage)")
         return out
 
