@@ -81,11 +81,16 @@ def test_every_axis_names_field_and_unit():
     ax1, ax2 = fig.axes
     assert ax1.get_xlabel() == "MriVatVolume, reference [L]"
     assert ax1.get_ylabel() == "MriVatVolume, predicted [L]"
-    assert ax2.get_xlabel() == "MriVatVolume, mean of reference and prediction [L]"
-    assert ax2.get_ylabel() == "MriVatVolume, prediction − reference [L]"
+    assert ax2.get_xlabel() == "MriVatVolume\nmean of reference and prediction [L]"  # wrapped
+    assert ax2.get_ylabel() == "MriVatVolume\nprediction − reference [L]"
     assert fig.get_suptitle() == "MriVatVolume (22407)"
     assert _inside_figure(fig)
     assert plots.field_label("22407") == "MriVatVolume (22407)" and plots.field_unit("22407") == "L"
+    # a long name: on its own line above what is shown, and still inside the figure
+    long = plots.scatter_bland_altman(ref, pred, title=plots.field_label("22405"), unit="L",
+                                      name="MriAnteriorThighLeanMuscleLeft")
+    assert long.axes[1].get_ylabel() == "MriAnteriorThighLeanMuscleLeft\nprediction − reference [L]"
+    assert _inside_figure(long)
 
 
 def test_umap_grid_keeps_long_names_inside_and_draws_sex_in_two_colours():

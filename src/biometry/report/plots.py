@@ -53,10 +53,17 @@ PDF_METADATA = {"CreationDate": None, "ModDate": None, "Producer": None, "Creato
 PNG_METADATA = {"Software": None}
 
 
-def axis_label(name: str, unit: str = "", what: str = "") -> str:
-    """``"MriVatVolume, reference [L]"``: a field's name, what is shown of it, and its unit."""
-    text = ", ".join(t for t in (name, what) if t)
-    return f"{text} [{unit}]" if unit else text
+def axis_label(name: str, unit: str = "", what: str = "", width: int = 36) -> str:
+    """``"MriVatVolume, reference [L]"``: a field's name, what is shown of it, and its unit.
+
+    Longer than ``width`` characters, the name goes on its own line above "what [unit]", so that
+    a long field name stays within the axis (and the figure).
+    """
+    tail = " ".join(t for t in (what, f"[{unit}]" if unit else "") if t)
+    text = ", ".join(t for t in (name, what) if t) + (f" [{unit}]" if unit else "")
+    if len(text) <= width or not name or not tail:
+        return text
+    return f"{wrap(name, width)}\n{wrap(tail, width)}"
 
 
 def field_label(key: str) -> str:
@@ -231,7 +238,7 @@ def umap_grid(embeddings: Mapping[str, pd.DataFrame], labels: Mapping[str, str] 
         for ax in axes[n:]:
             ax.set_axis_off()
         if title:
-            fig.suptitle(wrap(title, 20 * ncols))
+            fig.suptitle(wrap(title, 45 * ncols))
     return fig
 
 
@@ -404,7 +411,7 @@ def method_pairs(references: pd.DataFrame, pairs, ncols: int = 3) -> Figure:
                 hi = float(max(both.max()))
                 ax.plot([lo, hi], [lo, hi], color="0.4", lw=0.8, ls=":", label="identity")
                 ax.legend(loc="upper left", frameon=False)
-            ax.set(xlabel=axis_label(wrap(xl, 34), xu), ylabel=axis_label(wrap(yl, 34), yu),
+            ax.set(xlabel=axis_label(xl, xu), ylabel=axis_label(yl, yu),
                    title=wrap(f"{prop}: N={len(both)}, r={r:.3f}", 40))
         for ax in axes[len(pairs):]:
             ax.set_axis_off()
@@ -456,7 +463,7 @@ def distributions_by_sex(table: pd.DataFrame, keys, sex: str = "sex",
             sns.violinplot(data=frame, x="sex", y="value", hue="sex", order=["female", "male"],
                            hue_order=["female", "male"], palette=["#d95f02", "#1b9e77"],
                            ax=ax, cut=0, inner="quartile", linewidth=0.7, legend=False)
-            ax.set(xlabel="sex", ylabel=axis_label(wrap(labels.get(key, key), 28), units.get(key, "")),
+            ax.set(xlabel="sex", ylabel=axis_label(labels.get(key, key), units.get(key, ""), width=30),
                    title=wrap(f"{labels.get(key, key)}, N={len(frame)}", 30))
         for ax in axes[len(keys):]:
             ax.set_axis_off()
