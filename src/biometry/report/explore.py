@@ -238,9 +238,13 @@ class FieldExplorer:
                              f"{', '.join(self.fields)}"))
             return
         display(Markdown(f"### {field_label(key)}"))
-        display(self.metrics(key).round(4))
+        unit = fields.get(key).unit
+        display(self.metrics(key).round(4).rename(columns={
+            "r2": "R²", "mae": f"MAE [{unit}]", "mape": "MAPE [%]", "pearson_r": "r",
+            "icc": "ICC", "bias": f"bias [{unit}]", "loa_low": f"LoA low [{unit}]",
+            "loa_high": f"LoA high [{unit}]"}))
         display(self.figure(key))
-        display(Markdown("**Largest errors** (prediction − reference)"))
+        display(Markdown(f"**Largest errors** (prediction − reference, {unit})"))
         display(self.outliers(key))
         grid = self.outlier_images(key)
         if grid is not None:
