@@ -10,7 +10,7 @@ export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo figures benchmarks clean-runs
+.PHONY: help install test test-fast lint demo figures benchmarks clean-runs lab
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +39,13 @@ demo: $(STAMP) ## the main job on a phantom cohort: synthesise, prepare, train i
 
 figures: $(STAMP) ## regenerate every figure and table of a study from its run folders (STUDY=demo)
 	$(BIN)/biometry figures --study $(STUDY)
+
+LAB_PORT ?= 8888
+# rooted at the checkout (so papermill_runs/ is browsable), opened on notebooks/
+lab: $(STAMP) ## start JupyterLab on notebooks/ with the project's kernel (LAB_PORT=8888); prints the URL
+	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
+		--ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --no-browser \
+		--MappingKernelManager.default_kernel_name=python3 $(if $(filter 0,$(shell id -u)),--allow-root)
 
 benchmarks: $(STAMP) ## run the benchmark scripts (figures go into BENCHMARKS.md by hand)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

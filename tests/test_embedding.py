@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.neighbors import KNeighborsClassifier
 
-from biometry.analysis import embedding
+from biometry.analysis import embedding, evaluate
+from biometry.phantom.cohort import sample_fields
+from biometry.report import plots
 
 
 def _table(n: int = 200, seed: int = 0) -> pd.DataFrame:
@@ -43,3 +46,42 @@ def test_feature_space_is_reproducible_and_leaves_the_field_out():
         assert field not in a.attrs["features"]
     assert first["f2"].attrs["features"] == ["f0", "f1", "f3"]
     assert np.isfinite(first["f2"][["umap_1", "umap_2"]].to_numpy()).all()
+
+
+@pytest.fixture(scope="module")
+def phantom_fields(tmp_path_factory):
+    """The field table of a 200-subject phantom cohort (no images are synthesised)."""
+    root = tmp_path_factory.mktemp("fig2")
+    observed, _ = sample_fields(200, 0, scale=0.15)
+    (root / "cohort").mkdir()
+    observed.to_csv(root / "cohort" / "fields.csv", index=False)
+    return root
+
+
+@pytest.mark.slow
+def test_fig2_colours_by_sex_bmi_height_body_fat_each_left_out(phantom_fields):
+    root = phantom_fields
+    emb = evaluate.feature_space_tables("demo", root / "fs", data_dir=root / "cohort",
+                                        runs_root=root / "runs")
+    assert list(emb) == list(embedding.FIG2_FIELDS)
+    for key, frame in emb.items():
+        assert key not in frame.attrs["features"]  # removed before its own embedding
+        assert frame.attrs["n"] == len(frame) and frame["value"].notna().all()
+    # every other panel keeps the colour field of the others among its features
+    assert "31" in emb["21001"].attrs["features"] and "12144" in emb["31"].attrs["features"]
+    back = evaluate.read_feature_space(root / "fs")
+    assert list(back) == list(emb)
+    assert back["31"].attrs["n"] == emb["31"].attrs["n"]
+    assert np.allclose(back["31"][["umap_1", "umap_2"]], emb["31"][["umap_1", "umap_2"]],
+                       rtol=1e-5)
+    # the two sexes lie apart: a subject's 5 nearest neighbours in the map share its sex
+    sex = emb["31"]
+    xy, label = sex[["umap_1", "umap_2"]].to_numpy(), sex["value"].to_numpy()
+    knn = KNeighborsClassifier(n_neighbors=6).fit(xy, label)
+    _, idx = knn.kneighbors(xy)
+    purity = (label[idx[:, 1:]] == label[:, None]).mean()
+    assert purity > 0.9, purity
+    fig = plots.feature_space_figure(back)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[0].startswith("sex (31)") and f"N = {sex.attrs['n']}" in titles[0]
+    assert any(t.startswith("BMI (21001)") for t in titles)

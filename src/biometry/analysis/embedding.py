@@ -1,7 +1,9 @@
 """The cohort's feature space: UMAP of the fields (Sci Rep 2020, Fig. 2).
 
 For each highlighted field the embedding is computed *without* that field and coloured by it, so
-that a smooth colour gradient shows that the other fields carry its information.
+that a smooth colour gradient (or, for sex, two separate groups) shows that the other fields carry
+its information. :data:`FIG2_FIELDS` are the paper's four: sex, BMI, height and body-fat
+percentage.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ import warnings
 
 import numpy as np
 import pandas as pd
+
+#: Fig. 2's colour fields: sex, BMI, height, body-fat percentage (DXA total tissue fat %)
+FIG2_FIELDS: tuple[str, ...] = ("31", "21001", "12144", "23281")
+#: how sex is drawn: discrete colours with these labels
+SEX_CATEGORIES = {0.0: "female", 1.0: "male"}
 
 
 def standardise(table: pd.DataFrame) -> pd.DataFrame:
@@ -63,8 +70,9 @@ def feature_space(table: pd.DataFrame, keys, highlight: list[str], seed: int = 0
     dict
         ``{field: DataFrame}`` in the order of ``highlight``; each frame is indexed by eid (sorted)
         with columns ``umap_1``, ``umap_2`` and ``value`` (the highlighted field, in its unit).
-        Only subjects with every field of ``keys`` and ``highlight`` present are used; their
-        number is in ``.attrs["n"]``, the features in ``.attrs["features"]``.
+        Each embedding uses the subjects with every one of its features and the highlighted
+        field present; their number is in ``.attrs["n"]``, the features in
+        ``.attrs["features"]``.
     """
     keys = [str(k) for k in keys]
     highlight = [str(h) for h in highlight]
@@ -72,15 +80,18 @@ def feature_space(table: pd.DataFrame, keys, highlight: list[str], seed: int = 0
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ValueError(f"feature_space: field(s) not in the table: {', '.join(missing)}")
-    complete = table[columns].apply(pd.to_numeric, errors="coerce").dropna()
-    complete = complete.sort_index(kind="stable")
-    if complete.empty:
-        raise ValueError(f"feature_space: no subject has all of {', '.join(columns)}")
+    numeric = table[columns].apply(pd.to_numeric, errors="coerce").sort_index(kind="stable")
     out = {}
     for field in highlight:
         features = [k for k in keys if k != field]
         if len(features) < 2:
             raise ValueError(f"feature_space: fewer than two fields left after removing {field}")
+        # per panel: the subjects with every feature and the coloured field (a field that only
+        # a minority has, e.g. DXA, must not shrink the other panels)
+        complete = numeric[features + [field]].dropna()
+        if complete.empty:
+            raise ValueError(f"feature_space: no subject has all of {', '.join(features)} "
+                             f"and {field}")
         xy = umap_embedding(standardise(complete[features]).to_numpy(float), seed=seed,
                             n_neighbors=n_neighbors, min_dist=min_dist)
         frame = pd.DataFrame({"umap_1": xy[:, 0], "umap_2": xy[:, 1],

@@ -6,6 +6,8 @@ files: ``metrics.json`` (network and linear baseline), ``outliers.csv``, tables 
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +19,7 @@ from biometry.analysis.agreement import (
     method_comparison,
     outliers,
 )
-from biometry.analysis.embedding import feature_space
+from biometry.analysis.embedding import FIG2_FIELDS, feature_space
 from biometry.analysis.results import (
     THRESHOLDS,
     field_metrics,
@@ -185,23 +187,62 @@ def agreement_tables(study, out_dir: str | Path, runs_root=None, data_dir=None) 
 
 def feature_space_tables(study, out_dir: str | Path, highlight: list[str] | None = None,
                          runs_root=None, data_dir=None, seed: int = 0,
-                         max_subjects: int | None = 5000) -> dict[str, pd.DataFrame]:
-    """UMAP of the study's reference fields (Fig. 2), one embedding per highlighted field.
+                         max_subjects: int | None = 5000,
+                         min_share: float = 0.5) -> dict[str, pd.DataFrame]:
+    """UMAP of the cohort's reference fields (Fig. 2), one embedding per highlighted field.
 
-    Uses the subjects with every field of the study present (at most ``max_subjects``, the
-    first by eid, so the result is deterministic); writes ``umap_<field>.csv`` into ``out_dir``.
+    The feature space is spanned by every catalogue field of the study's fields table (not only
+    the fields the study trains on) that at least ``min_share`` of the subjects have, diseases
+    left out; each highlighted field (default :data:`FIG2_FIELDS`: sex, BMI, height, body-fat
+    percentage; those present in the table) is removed from the features of its own embedding;
+    one that too few subjects have for UMAP's neighbourhood is left out with a warning.
+    At most ``max_subjects`` subjects, the first by eid, so the result is deterministic. Writes
+    ``umap_<field>.csv`` and ``umap_fields.json`` (per field: N and the features) into
+    ``out_dir``; :func:`read_feature_space` reads them back.
     """
     study = resolve_study(study)
-    keys = [k for k in study.fields if fields.get(k).group != "disease"]
-    refs = study_references(study, runs_root, data_dir, keys=keys).dropna()
-    refs = refs.sort_index()
+    refs = study_references(study, runs_root, data_dir).sort_index()
     if max_subjects:
         refs = refs.head(max_subjects)
-    highlight = [str(h) for h in (highlight or keys[:4])]
-    n_neighbors = int(min(15, max(2, len(refs) // 4)))
+    share = refs.notna().mean()
+    keys = [k for k in refs.columns
+            if share[k] >= min_share and fields.get(k).group != "disease"]
+    highlight = [str(h) for h in (highlight or [h for h in FIG2_FIELDS if h in refs.columns])]
+    n_neighbors = int(min(15, max(2, len(refs[keys].dropna()) // 4)))
+    # a colour field that too few subjects have (DXA in a small cohort) is left out, said aloud
+    panel_n = {h: len(refs[[k for k in keys if k != h] + [h]].dropna()) for h in highlight}
+    for h in [h for h in highlight if panel_n[h] <= n_neighbors]:
+        warnings.warn(f"feature space of study {study.name!r}: {h} left out, only "
+                      f"{panel_n[h]} subjects have it and every feature", stacklevel=2)
+    highlight = [h for h in highlight if panel_n[h] > n_neighbors]
+    if not highlight:
+        raise ValueError(f"feature space of study {study.name!r}: too few subjects with every "
+                         f"feature ({len(refs[keys].dropna())}) for a UMAP")
     emb = feature_space(refs, keys, highlight, seed=seed, n_neighbors=n_neighbors)
     out_dir = Path(out_dir)
     for key, frame in emb.items():
         fileio.write_csv(out_dir / f"umap_{key}.csv", frame, index=True, index_label="eid",
-                     float_format="%.6g")
+                         float_format="%.6g")
+    fileio.write_json(out_dir / "umap_fields.json",
+                      [{"field": k, "n": int(f.attrs["n"]), "features": list(f.attrs["features"])}
+                       for k, f in emb.items()])
     return emb
+
+
+def read_feature_space(folder: str | Path) -> dict[str, pd.DataFrame]:
+    """The embeddings that :func:`feature_space_tables` wrote into ``folder``, attrs restored.
+
+    In the order of ``umap_fields.json`` (the highlight order); each frame is indexed by eid with
+    ``umap_1``, ``umap_2``, ``value`` and ``attrs`` ``field``, ``n``, ``features``.
+    """
+    folder = Path(folder)
+    index = folder / "umap_fields.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index}: no feature space here (run 05_feature_space)")
+    out = {}
+    for meta in json.loads(index.read_text()):
+        key = str(meta["field"])
+        frame = pd.read_csv(folder / f"umap_{key}.csv", index_col="eid", dtype={"eid": str})
+        frame.attrs.update(meta)
+        out[key] = frame
+    return out
