@@ -23,6 +23,7 @@ output: the field itself for ``regression``, the *mean* of a ``mean_variance`` h
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -354,3 +355,91 @@ def write_outputs(out_dir: str | os.PathLike, sex: str, result: Mapping[str, obj
     fileio.write_npy(out_dir / f"aggregate_{sex}.npy", np.asarray(result["aggregate"], np.float32))
     fileio.write_csv(out_dir / f"ncc_{sex}.csv", result["ncc"])
     return out_dir
+
+
+def pick_subjects(eids: Sequence[str], n: int | None, seed: int = 0) -> list[str]:
+    """``n`` of ``eids`` in a seeded random order (all of them when ``n`` is None or larger)."""
+    eids = [str(e) for e in eids]
+    if n is None or n >= len(eids):
+        return eids
+    order = np.random.default_rng(seed).permutation(len(eids))[: int(n)]
+    return [eids[i] for i in sorted(order)]
+
+
+def study_field_saliency(store: Store, fmt: str, fields_csv: str | os.PathLike,
+                         splits_csv: str | os.PathLike,
+                         models: Mapping[int, tuple[nn.Module, Callable | None]], column: int,
+                         out_dir: str | os.PathLike, registration_root: str | os.PathLike,
+                         sexes: Sequence[str] = ("female", "male"), n_subjects: int | None = None,
+                         layer: str = "layer4", seed: int = 0,
+                         footprints: Callable[[str], tuple[Mapping[str, np.ndarray], int]] | None = None,
+                         progress: Callable[[str], None] | None = print) -> dict[str, object]:
+    """The saliency stage of one field: per sex, reference, maps, registration, aggregate, metrics.
+
+    Writes into ``out_dir`` (the contract of ``docs/saliency.md``): ``aggregate_<sex>.npy``,
+    ``ncc_<sex>.csv``, ``reference.json`` and ``metrics.json``. Transforms go to
+    ``registration_root/<sex>_<reference eid>/`` and are shared by every field of the study.
+
+    Parameters
+    ----------
+    models : fold -> (network, preprocess); only subjects of these folds are used.
+    column : the output column (:func:`output_column`).
+    footprints : eid -> (truth footprints, view split) of a subject (phantom cohorts:
+        :func:`biometry.phantom.subject_footprints`); adds the anatomy figures to the metrics.
+
+    Returns
+    -------
+    the metrics dict (also in ``metrics.json``).
+    """
+    for sex in sexes:
+        if sex not in SEXES:
+            raise ValueError(f"unknown sex {sex!r}; use {', '.join(SEXES)}")
+    folds = read_splits(splits_csv)
+    eids = [str(e) for e in store.eids if folds.get(str(e)) in models]
+    by_sex = subjects_by_sex(fields_csv, eids)
+    out_dir = Path(out_dir)
+    metrics: dict[str, object] = {"layer": layer, "column": int(column), "signs": "both",
+                                  "registration_channel": "water", "per_sex": {}}
+    references: dict[str, object] = {"method": (
+        "per sex, the subject whose water image (the stored 2D format, unregistered) has the "
+        "highest normalised cross-correlation with the mean water image of all subjects of that "
+        "sex with a trained network"), "per_sex": {}}
+    for sex in sexes:
+        pool = by_sex[sex]
+        if not pool:
+            raise ValueError(f"no {sex} subject with a trained network in {fields_csv}")
+        ref, score = reference_subject(store, fmt, pool)
+        chosen = pick_subjects(pool, n_subjects, seed)
+        if ref not in chosen:
+            chosen = chosen + [ref]
+        result = field_saliency(store, fmt, chosen, ref, folds, models, column,
+                                Path(registration_root) / f"{sex}_{ref}", layer=layer,
+                                progress=progress)
+        write_outputs(out_dir, sex, result)
+        n = int(result["n"])
+        entry = {"n": n, "failed": result["failed"],
+                 "alignment": alignment_summary(result["ncc"]),
+                 "seconds_per_subject_maps": result["seconds_maps"] / n,
+                 "seconds_per_subject_registration": result["seconds_registration"] / n}
+        if footprints is not None:
+            masks, split = footprints(ref)
+            entry["anatomy"] = anatomy_metrics(result["aggregate"], masks, split)
+        metrics["per_sex"][sex] = entry
+        references["per_sex"][sex] = {"eid": ref, "ncc_to_mean": score, "pool": len(pool)}
+    fileio.write_json(out_dir / "reference.json", references)
+    fileio.write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def read_aggregates(stage_dir: str | os.PathLike, sex: str,
+                    field_keys: Sequence[str]) -> dict[str, tuple[str, np.ndarray]]:
+    """``field -> (reference eid, aggregate)`` of the fields whose saliency run left outputs for
+    ``sex`` in ``stage_dir`` (``papermill_runs/<study>/saliency/``); others are skipped."""
+    out = {}
+    for key in field_keys:
+        d = Path(stage_dir) / str(key)
+        agg, ref = d / f"aggregate_{sex}.npy", d / "reference.json"
+        if agg.is_file() and ref.is_file():
+            eid = json.loads(ref.read_text())["per_sex"][sex]["eid"]
+            out[str(key)] = (str(eid), np.load(agg))
+    return out

@@ -4,8 +4,9 @@
 2. ``01_prepare``         fuse the stations and write the 2D formats into a prepared store;
 3. ``02_train``           train the study's networks in k-fold cross-validation (Dask batch);
 4. ``03_evaluate_field``  per field: metrics, the linear baseline, scatter and Bland-Altman plots;
-5. ``04_agreement``       tables across fields: DXA vs MRI, bilateral symmetry;
-6. figures               the manuscript-style figures and tables of the study (``biometry figures``).
+5. ``06_saliency``        guided Grad-CAM aggregated per sex for the fields of SALIENCY_FIELDS;
+6. ``04_agreement``       tables across fields: DXA vs MRI, bilateral symmetry;
+7. figures               the manuscript-style figures and tables of the study (``biometry figures``).
 
 Every stage is a run folder under ``papermill_runs/<study>/``; a finished stage is skipped when the
 demo is started again, so an interrupted demo resumes where it stopped.
@@ -29,6 +30,11 @@ from biometry.config.study import data_paths, load_study
 from biometry.runs.batch import report, run_batch, study_train_specs
 from biometry.runs.figures import build_figures
 from biometry.runs.runner import RunSpec, execute_run, run_dir_for
+
+#: fields whose saliency the demo aggregates (left / right anterior thigh, liver fat), and how many
+#: subjects per sex
+SALIENCY_FIELDS = ("22405", "22403", "22402")
+SALIENCY_SUBJECTS = 100
 
 
 def _stage(spec: RunSpec, root: Path, force: bool = False) -> None:
@@ -69,6 +75,10 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
 
     for key in study.fields:
         _stage(RunSpec(study.name, "evaluate", {"study": str(study.path), "field": key,
+                                                "runs_root": str(root)}, field=key), root, force)
+    for key in [k for k in SALIENCY_FIELDS if k in study.fields]:
+        _stage(RunSpec(study.name, "saliency", {"study": str(study.path), "field": key,
+                                                "n_subjects": SALIENCY_SUBJECTS,
                                                 "runs_root": str(root)}, field=key), root, force)
     if figures:  # runs 04_agreement and 05_feature_space, then every figure notebook
         if build_figures(str(study.path), runs_root=root):

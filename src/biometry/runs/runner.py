@@ -41,11 +41,13 @@ STAGES: dict[str, str] = {
     "evaluate": "03_evaluate_field.ipynb",
     "agreement": "04_agreement.ipynb",
     "feature_space": "05_feature_space.ipynb",
+    "saliency": "06_saliency.ipynb",
 }
 DONE = "done.json"
 FAILED = "failed.json"
 _PACKAGES = ("biometry", "numpy", "scipy", "pandas", "torch", "torchvision", "nibabel", "pydicom",
-             "scikit-learn", "statsmodels", "papermill", "dask", "umap-learn")
+             "scikit-learn", "statsmodels", "papermill", "dask", "umap-learn",
+             "captum", "SimpleITK")
 
 
 @dataclass(frozen=True)
