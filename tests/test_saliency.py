@@ -81,6 +81,19 @@ def test_positive_sign_alone_misses_evidence_that_lowers_the_output():
     np.testing.assert_allclose(both ** 2, pos ** 2 + neg ** 2, rtol=1e-6)
 
 
+def test_both_signs_shortcut_equals_captum_guided_gradcam_per_sign():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(num_classes=2)
+    net.conv1 = nn.Conv2d(2, 64, 7, 2, 3, bias=False)
+    x = np.random.default_rng(1).integers(0, 256, (2, 2, 32, 32)).astype(np.uint8)
+    pos, neg = saliency.guided_gradcam_both_signs(net, x, 1, "layer3")
+    for part, sign in ((pos, 1.0), (neg, -1.0)):
+        ref = saliency.guided_gradcam(net, x, 1, "layer3", sign)
+        np.testing.assert_allclose(part, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    assert np.abs(pos).max() + np.abs(neg).max() > 0
+
+
 def test_one_field_of_a_multi_field_network():
     net = TinyNet(REGRESSION)
     col = saliency.output_column("regression", 1)

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from captum.attr import GuidedGradCam
+from captum.attr import GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam
 from torch import nn
 
 from biometry import fileio
@@ -147,6 +147,47 @@ def guided_gradcam(model: nn.Module, images: np.ndarray, column: int, layer: str
     return out
 
 
+def guided_gradcam_both_signs(model: nn.Module, images: np.ndarray, column: int,
+                              layer: str | nn.Module = "layer4", preprocess: Callable | None = None,
+                              batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`guided_gradcam` of ``+y`` and of ``-y`` at the cost of three passes instead of four.
+
+    Grad-CAM is linear in the output before its ReLU (its channel weights are mean gradients), so
+    the map of ``-y`` is the negative of that of ``y``: one ``LayerGradCam`` pass without the ReLU
+    gives both, ``relu(cam)`` and ``relu(-cam)``, each upsampled as ``GuidedGradCam`` does.
+    Guided backpropagation is not linear in the sign and runs once per sign.
+
+    Returns
+    -------
+    (positive, negative): two (N, C, H, W) float32 arrays, equal to ``guided_gradcam(..., sign=+1)``
+    and ``guided_gradcam(..., sign=-1)``.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {images.shape}")
+    target_layer = _layer(model, layer)
+    up, down = (ScalarOutput(model, column, s, preprocess) for s in (1.0, -1.0))
+    cam_of, gb_up, gb_down = LayerGradCam(up, target_layer), GuidedBackprop(up), GuidedBackprop(down)
+    was_training = model.training
+    model.eval()
+    pos = np.zeros(images.shape, dtype=np.float32)
+    neg = np.zeros(images.shape, dtype=np.float32)
+    try:
+        for s in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size], dtype=np.float32))
+            x.requires_grad_(True)
+            with warnings.catch_warnings():  # captum announces its (temporary) ReLU hooks each call
+                warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+                cam = cam_of.attribute(x, target=0, relu_attributions=False).detach()
+                size = tuple(x.shape[2:])
+                for out, gb, c in ((pos, gb_up, cam), (neg, gb_down, -cam)):
+                    weight = LayerAttribution.interpolate(F.relu(c), size, interpolate_mode="bilinear")
+                    out[s:s + len(x)] = (gb.attribute(x, target=0) * weight).detach().numpy()
+    finally:
+        model.train(was_training)
+    return pos, neg
+
+
 def saliency_maps(model: nn.Module, images: np.ndarray, column: int, layer: str | nn.Module = "layer4",
                   signs: str = "both", preprocess: Callable | None = None,
                   batch_size: int = 16) -> np.ndarray:
@@ -161,12 +202,12 @@ def saliency_maps(model: nn.Module, images: np.ndarray, column: int, layer: str 
     """
     if signs not in SIGNS:
         raise ValueError(f"signs must be one of {', '.join(SIGNS)}, got {signs!r}")
-    chosen = {"both": (1.0, -1.0), "positive": (1.0,), "negative": (-1.0,)}[signs]
-    energy = None
-    for sign in chosen:
-        g = guided_gradcam(model, images, column, layer, sign, preprocess, batch_size)
-        e = np.square(g, dtype=np.float32).sum(axis=1)
-        energy = e if energy is None else energy + e
+    if signs == "both":
+        parts = guided_gradcam_both_signs(model, images, column, layer, preprocess, batch_size)
+    else:
+        sign = 1.0 if signs == "positive" else -1.0
+        parts = (guided_gradcam(model, images, column, layer, sign, preprocess, batch_size),)
+    energy = sum(np.square(p, dtype=np.float32).sum(axis=1) for p in parts)
     return np.sqrt(energy).astype(np.float32)
 
 
