@@ -34,7 +34,7 @@ from biometry.runs.runner import RunSpec, execute_run, run_dir_for
 #: fields whose saliency the demo aggregates (left / right anterior thigh, liver fat), and how many
 #: subjects per sex
 SALIENCY_FIELDS = ("22405", "22403", "22402")
-SALIENCY_SUBJECTS = 100
+SALIENCY_SUBJECTS = 60
 
 
 def _stage(spec: RunSpec, root: Path, force: bool = False) -> None:
