@@ -125,6 +125,9 @@ def test_raw_values_scale_with_the_output_and_errors_name_the_problem():
         saliency.saliency_maps(small, _images(1), 5, "layer4")
     with pytest.raises(ValueError, match="unknown head"):
         saliency.output_column("ordinal", 0)
+    with pytest.raises(ValueError, match="field 22402 is not an output of this network"):
+        saliency.field_column("regression", ["22405", "22403"], "22402")
+    assert saliency.field_column("mean_variance", ["22405", "22403"], "22403") == 2
 
 
 def test_resnet18_maps_land_on_the_stored_image_and_do_not_depend_on_the_batch():

@@ -60,6 +60,15 @@ def output_column(head: str, field_index: int = 0) -> int:
     return 2 * field_index if head == "mean_variance" else field_index
 
 
+def field_column(head: str, field_keys: Sequence[str], field: str) -> int:
+    """:func:`output_column` of ``field`` in a network trained on ``field_keys``."""
+    keys = [str(k) for k in field_keys]
+    if str(field) not in keys:
+        raise ValueError(f"field {field} is not an output of this network (its fields: "
+                         f"{', '.join(keys)})")
+    return output_column(head, keys.index(str(field)))
+
+
 def default_preprocess(x: torch.Tensor, input_size: tuple[int, int] | None = None) -> torch.Tensor:
     """0-255 float images -> [0, 1], resized (antialiased bilinear) to ``input_size``.
 
@@ -323,6 +332,7 @@ def field_saliency(store: Store, fmt: str, eids: Sequence[str], reference: str,
                    folds: Mapping[str, int], models: Mapping[int, tuple[nn.Module, Callable | None]],
                    column: int, transform_dir: str | os.PathLike, layer: str = "layer4",
                    split: int = registration.DEFAULT_SPLIT, batch_size: int = 16,
+                   signs: str = "both",
                    progress: Callable[[str], None] | None = None) -> dict[str, object]:
     """Saliency of one output over ``eids`` (one sex), registered to ``reference`` and aggregated.
 
@@ -354,7 +364,7 @@ def field_saliency(store: Store, fmt: str, eids: Sequence[str], reference: str,
             batch = chosen[s:s + batch_size]
             images = np.asarray(arr[store.rows(batch)])
             t0 = time.perf_counter()
-            maps = saliency_maps(model, images, column, layer, "both", preprocess, batch_size)
+            maps = saliency_maps(model, images, column, layer, signs, preprocess, batch_size)
             t1 = time.perf_counter()
             for eid, image, m in zip(batch, images, maps):
                 try:
@@ -412,7 +422,7 @@ def study_field_saliency(store: Store, fmt: str, fields_csv: str | os.PathLike,
                          models: Mapping[int, tuple[nn.Module, Callable | None]], column: int,
                          out_dir: str | os.PathLike, registration_root: str | os.PathLike,
                          sexes: Sequence[str] = ("female", "male"), n_subjects: int | None = None,
-                         layer: str = "layer4", seed: int = 0,
+                         layer: str = "layer4", seed: int = 0, signs: str = "both",
                          footprints: Callable[[str], tuple[Mapping[str, np.ndarray], int]] | None = None,
                          progress: Callable[[str], None] | None = print) -> dict[str, object]:
     """The saliency stage of one field: per sex, reference, maps, registration, aggregate, metrics.
@@ -439,7 +449,7 @@ def study_field_saliency(store: Store, fmt: str, fields_csv: str | os.PathLike,
     eids = [str(e) for e in store.eids if folds.get(str(e)) in models]
     by_sex = subjects_by_sex(fields_csv, eids)
     out_dir = Path(out_dir)
-    metrics: dict[str, object] = {"layer": layer, "column": int(column), "signs": "both",
+    metrics: dict[str, object] = {"layer": layer, "column": int(column), "signs": signs,
                                   "registration_channel": "water", "per_sex": {}}
     references: dict[str, object] = {"method": (
         "per sex, the subject whose water image (the stored 2D format, unregistered) has the "
@@ -455,7 +465,7 @@ def study_field_saliency(store: Store, fmt: str, fields_csv: str | os.PathLike,
             chosen = chosen + [ref]
         result = field_saliency(store, fmt, chosen, ref, folds, models, column,
                                 Path(registration_root) / f"{sex}_{ref}", layer=layer,
-                                progress=progress)
+                                signs=signs, progress=progress)
         write_outputs(out_dir, sex, result)
         n = int(result["n"])
         entry = {"n": n, "failed": result["failed"],
