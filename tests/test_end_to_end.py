@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -79,6 +80,27 @@ def test_every_stage_leaves_its_outputs(tiny_study):
     assert (runs / "summary" / "summary.csv").is_file()
 
 
+def test_saliency_outputs_follow_the_contract(tiny_study):
+    _, root, _ = tiny_study
+    stage = root / "runs" / "tiny" / "saliency"
+    for key in ("22405", "22403"):  # the demo's saliency fields that the tiny study trains
+        d = stage / key
+        refs = json.loads((d / "reference.json").read_text())["per_sex"]
+        metrics = json.loads((d / "metrics.json").read_text())["per_sex"]
+        assert (d / "saliency.png").is_file()
+        for sex in ("female", "male"):
+            agg = np.load(d / f"aggregate_{sex}.npy")
+            assert agg.dtype == np.float32 and agg.shape == (256, 256)
+            assert np.isfinite(agg).all() and (agg >= 0).all()
+            m = metrics[sex]
+            assert m["n"] >= 5 and not m["failed"]
+            assert m["alignment"]["share_improved"] >= 0.95
+            assert {"thigh_left_right_ratio", "liver_body_density_ratio"} <= set(m["anatomy"])
+            # transforms: one per subject, shared by both fields
+            tf = stage / "registration" / f"{sex}_{refs[sex]['eid']}"
+            assert len(list(tf.glob("*.sagittal.tfm"))) == m["n"]
+
+
 def test_figures_are_reproducible(tiny_study):
     path, root, _ = tiny_study
     from biometry.runs.figures import build_figures
@@ -88,6 +110,7 @@ def test_figures_are_reproducible(tiny_study):
     produced = sorted(p for p in figs.rglob("*") if p.is_file())
     names = {p.name for p in produced}
     for expected in ("fig03_median_field.pdf", "fig03_median_field.png", "fig02_umap.png",
+                     "fig04_saliency.png",
                      "table1_field_metrics.csv", "table1_field_metrics.md",
                      "table2_dxa_mri.csv", "stable5_bilateral_symmetry.md"):
         assert expected in names, f"{expected} missing from {sorted(names)}"

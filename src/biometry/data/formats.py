@@ -53,13 +53,18 @@ def bed_voxels(spacing_y: float) -> int:
     return int(round(BED_MM / float(spacing_y)))
 
 
+def bed_crop(array_xyz: np.ndarray, spacing_y: float, eid: str | None = None) -> np.ndarray:
+    """``array_xyz`` (X, Y, Z) without the posterior A-P voxels of the scanner bed
+    (:func:`bed_voxels`); used for the images and for anything projected like them (labels)."""
+    n = bed_voxels(spacing_y)
+    if array_xyz.shape[1] <= n:
+        raise ValueError(f"subject {eid}: the A-P axis has {array_xyz.shape[1]} voxels, fewer than "
+                         f"the {n} of the bed crop")
+    return array_xyz[:, : array_xyz.shape[1] - n, :]
+
+
 def _bed_cropped(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
-    n = bed_voxels(vol.spacing[1])
-    if vol.shape[1] <= n:
-        raise ValueError(f"subject {vol.eid}: the A-P axis has {vol.shape[1]} voxels, fewer than the "
-                         f"{n} of the bed crop")
-    keep = vol.shape[1] - n
-    return vol.water[:, :keep, :], vol.fat[:, :keep, :]
+    return bed_crop(vol.water, vol.spacing[1], vol.eid), bed_crop(vol.fat, vol.spacing[1], vol.eid)
 
 
 def interpolation_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,8 +128,8 @@ def _head_up(plane_xz: np.ndarray) -> np.ndarray:
     return plane_xz.T[::-1]
 
 
-def _views(volume_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean-intensity coronal (Z, X) and sagittal (Z, Y) images, head up."""
+def mean_views(volume_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-intensity coronal (Z, X) and sagittal (Z, Y) images, head up (float32)."""
     coronal = volume_xyz.mean(axis=1, dtype=np.float32)
     sagittal = volume_xyz.mean(axis=0, dtype=np.float32)
     return _head_up(coronal), _head_up(sagittal)
@@ -132,7 +137,7 @@ def _views(volume_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _dual_projection(volume_xyz: np.ndarray, what: str, eid: str | None) -> np.ndarray:
     """[coronal | sagittal] mean projections, each min-max normalised, at 256 x 256, in [0, 1]."""
-    coronal, sagittal = _views(volume_xyz)
+    coronal, sagittal = mean_views(volume_xyz)
     side_by_side = np.concatenate([_minmax(coronal, f"{what} coronal projection", eid),
                                    _minmax(sagittal, f"{what} sagittal projection", eid)], axis=1)
     return resize(side_by_side, (SQUARE, SQUARE))
@@ -366,3 +371,14 @@ def compute(vol: Volume, names: list[str] | tuple[str, ...],
     if "thigh" in names:
         out["thigh"] = thigh_slices(vol, mask=mask)
     return {n: out[n] for n in names}
+
+
+def projection_split(n_x: int, n_y_cropped: int, width: int = SQUARE) -> int:
+    """First column of the sagittal view in a ``width``-wide [coronal | sagittal] image made from
+    ``n_x`` R-L and ``n_y_cropped`` A-P (bed cropped) voxels: ``round(width * X / (X + Y))``.
+
+    The resize mixes the two views in at most one column at the seam.
+    """
+    if n_x < 1 or n_y_cropped < 1:
+        raise ValueError(f"a view needs at least one voxel (got X={n_x}, Y={n_y_cropped})")
+    return int(round(width * n_x / (n_x + n_y_cropped)))

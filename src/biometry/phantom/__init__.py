@@ -9,6 +9,7 @@ generate_cohort(out_dir, n_subjects, seed, scale=1.0, workers=1, overwrite=False
 make_subject(eid, seed, scale=1.0, stations=True) -> Subject
 fused_truth(subject) -> biometry.data.types.Volume
 sample_fields(n, seed, scale=0.15) -> (observed, truth) DataFrames, no images
+label_footprints(labels, spacing_y) -> {region: (256, 256) bool} in the projection's geometry
 main(argv) -> int   (``biometry synth``)
 """
 
@@ -22,12 +23,21 @@ from biometry.phantom.cohort import (
     sample_fields,
     subject_seed,
 )
+from biometry.phantom.footprints import (
+    REGIONS,
+    label_footprints,
+    label_projection,
+    labels_split,
+    read_labels,
+    subject_footprints,
+)
 from biometry.phantom.measure import atlas_slices, field_columns, mri_atlas_fields
 from biometry.phantom.writer import generate_cohort, main, write_nifti_gz
 
 __all__ = [
     "LABELS",
     "PHANTOM_VERSION",
+    "REGIONS",
     "Subject",
     "atlas_slices",
     "cohort_eids",
@@ -35,11 +45,16 @@ __all__ = [
     "fused_grid",
     "fused_truth",
     "generate_cohort",
+    "label_footprints",
+    "label_projection",
+    "labels_split",
     "main",
     "make_subject",
     "mri_atlas_fields",
+    "read_labels",
     "sample_fields",
     "station_grids",
+    "subject_footprints",
     "subject_seed",
     "write_nifti_gz",
 ]

@@ -523,3 +523,39 @@ def save_figure(fig: Figure, path_without_ext: str | os.PathLike,
                 fig.savefig(tmp, format=fmt, metadata=metadata)
             written.append(target)
     return written
+
+
+def saliency_grid(panels: Mapping[str, tuple[np.ndarray, np.ndarray]], ncols: int = 3,
+                  cmap: str = "inferno") -> Figure:
+    """The paper's Fig. 4 layout: per panel, a cohort's squared saliency as a heat map over the
+    reference subject's water image.
+
+    Parameters
+    ----------
+    panels : title -> (water (H, W) of the reference, aggregate (H, W) = mean squared saliency),
+        both in the reference's image space ([coronal | sagittal], head up, patient left on the
+        image right). The aggregate is drawn as it is (scaled to its own maximum for the colour
+        map, transparent where it is zero); no other post-processing.
+    ncols : panels per row.
+    """
+    if not panels:
+        raise ValueError("saliency_grid: no panels")
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(2.4 * ncols, 2.6 * nrows)
+        axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
+        for ax, (title, (water, agg)) in zip(axes, panels.items()):
+            water, agg = np.asarray(water, dtype=np.float32), np.asarray(agg, dtype=np.float32)
+            if water.shape != agg.shape:
+                raise ValueError(f"saliency_grid: panel {title!r}: water {water.shape} and "
+                                 f"saliency {agg.shape} differ")
+            ax.imshow(water, cmap="gray", interpolation="nearest")
+            top = float(agg.max())
+            heat = np.ma.masked_less_equal(agg, 0.0)
+            ax.imshow(heat, cmap=cmap, alpha=0.75, vmin=0.0, vmax=top if top > 0 else 1.0,
+                      interpolation="nearest")
+            ax.set_title(title)
+        for ax in axes:
+            ax.set_axis_off()
+    return fig

@@ -3,7 +3,8 @@
 1. ``00_phantom_cohort``  synthesise a cohort that looks like a UKB release;
 2. ``01_prepare``         fuse the stations and write the 2D formats into a prepared store;
 3. ``biometry study run``  every stage of :data:`biometry.runs.pipeline.PIPELINE` in order
-   (train, evaluate, agreement, feature-space, figures), as for any other study.
+   (train, evaluate, saliency of the fields in demo.yaml's ``saliency:`` block, agreement,
+   feature-space, figures), as for any other study.
 
 Every stage is a run folder under ``papermill_runs/<study>/``; a finished stage is skipped when the
 demo is started again (for the same inputs), so an interrupted demo resumes where it stopped.

@@ -21,6 +21,7 @@ from biometry.runs.runner import RunSpec, execute_run, run_dir_for
 FIGURE_NOTEBOOKS: tuple[str, ...] = (
     "fig02_umap",
     "fig03_median_field",
+    "fig04_saliency",
     "fig_scatter_fields",
     "table1_field_metrics",
     "table2_dxa_mri",

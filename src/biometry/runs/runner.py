@@ -53,11 +53,13 @@ STAGES: dict[str, str] = {
     "feature_space": "05_feature_space.ipynb",
     "thigh": "10_thigh_function.ipynb",
     "liver": "07_liver_fat.ipynb",
+    "saliency": "06_saliency.ipynb",
 }
 DONE = "done.json"
 FAILED = "failed.json"
 _PACKAGES = ("biometry", "numpy", "scipy", "pandas", "torch", "torchvision", "nibabel", "pydicom",
-             "scikit-learn", "statsmodels", "papermill", "dask", "umap-learn", "SimpleITK")
+             "scikit-learn", "statsmodels", "papermill", "dask", "umap-learn",
+             "captum", "SimpleITK")
 
 
 @dataclass(frozen=True)
