@@ -55,11 +55,19 @@ def _write(tmp_path, **changes):
     return path
 
 
+def _write_text(path, text):
+    path.write_text(text)
+    return path
+
+
 def test_field_keys_validated_and_coerced_to_str(tmp_path):
     path = tmp_path / "ints.yaml"
     text = config.STUDIES_DIR.joinpath("demo.yaml").read_text()
     text = text.replace('fields: ["22407", "22405", "22403", "22402", "21002", "47", "23289"]',
                         "fields: [22407, 21002, 47]")
+    with pytest.raises(StudyError, match="saliency.fields 22405, 22403, 22402 are not fields"):
+        load_study(_write_text(path, text))
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("saliency:"))
     path.write_text(text)
     assert yaml.safe_load(text)["fields"] == [22407, 21002, 47]      # YAML reads ints
     assert load_study(path).fields == ("22407", "21002", "47")
