@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("biometry.runs.batch", "main", "batch-execute a notebook stage per field and fold"),
     "demo": ("biometry.runs.demo", "main", "the whole pipeline on a phantom cohort"),
     "figures": ("biometry.runs.figures", "main", "regenerate a study's figures and tables"),
+    "export": ("biometry.inference.export", "main", "write a trained module as a model bundle"),
+    "infer": ("biometry.inference.engine", "main", "predict a release with calibrated 95 % intervals"),
 }
 
 
