@@ -153,7 +153,7 @@ def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path
         chosen = runs
     table = oof_predictions(folder)
     members, n_train, first = [], [], None
-    for k, d in chosen.items():
+    for d in chosen.values():
         raw = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
         if raw.get("head") != "mean_variance":
             raise ValueError(f"{d}: head {raw.get('head')!r}; a bundle needs a mean_variance "
