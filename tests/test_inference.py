@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from biometry.cli import main as cli_main
+from biometry.config.paths import notebooks_dir
 from biometry.config.study import load_study
 from biometry.config.training import TrainConfig
 from biometry.inference import bundle as B
@@ -21,6 +22,7 @@ from biometry.inference.export import calibrate_module, export_module
 from biometry.learn.models import build_model
 from biometry.learn.trainer import train
 from biometry.phantom import generate_cohort
+from biometry.runs.notebook import execute_notebook
 
 KEYS = ["22407", "21002"]  # VAT (L), weight (kg)
 
@@ -211,3 +213,27 @@ def test_original_mimir_module_loads_and_applies_its_divisor(tmp_path):
     (d / "calibration_factors.txt").unlink()
     with pytest.raises(B.BundleError, match="missing file calibration_factors.txt"):
         B.load_bundle(d)
+
+
+@pytest.mark.slow
+def test_notebooks_calibrate_and_later_release(trained, bundle_dir, release, tmp_path):
+    """08_calibrate on a module's folds and 09_later_release on a (partly corrupt) release."""
+    runs_root = tmp_path / "runs"
+    shutil.copytree(trained, runs_root / "demo" / "train" / "all")
+    cal = tmp_path / "cal"
+    execute_notebook(notebooks_dir() / "08_calibrate.ipynb", cal / "08.ipynb",
+                     {"study": "demo", "module": "all", "run_dir": str(cal),
+                      "runs_root": str(runs_root)})
+    assert set(json.loads((cal / "calibration.json").read_text())["factors"]) == set(KEYS)
+    assert (cal / "calibration_curves.png").is_file() and (cal / "sparsification.pdf").is_file()
+    rel = tmp_path / "rel"
+    execute_notebook(notebooks_dir() / "09_later_release.ipynb", rel / "09.ipynb",
+                     {"bundle": str(bundle_dir), "release_dir": str(release), "run_dir": str(rel),
+                      "min_references": 1})
+    table = pd.read_csv(rel / "release_metrics.csv", dtype={"field": str}).set_index("field")
+    assert list(table.index) == KEYS
+    refs = pd.read_csv(release / "fields.csv", dtype={"eid": str})
+    pred = pd.read_csv(rel / "predictions.csv", dtype={"eid": str})
+    have = refs.set_index("eid").loc[pred["eid"], "21002-2.0"].notna().sum()
+    assert table.loc["21002", "n"] == have
+    assert (rel / "release_vs_cv.png").is_file() and (rel / "release_calibration.png").is_file()

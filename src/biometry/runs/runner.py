@@ -41,6 +41,9 @@ STAGES: dict[str, str] = {
     "evaluate": "03_evaluate_field.ipynb",
     "agreement": "04_agreement.ipynb",
     "feature_space": "05_feature_space.ipynb",
+    "calibrate": "08_calibrate.ipynb",
+    "inference": "08_inference.ipynb",
+    "later_release": "09_later_release.ipynb",
 }
 DONE = "done.json"
 FAILED = "failed.json"
