@@ -16,6 +16,8 @@ A study file holds::
     training: {...}                    # biometry.learn.trainer.TrainConfig fields
     dispatch: {workers: 1, jobqueue: null}
     network_name: all                  # run-folder name of a multi-field network
+    modules: {name: [keys], ...}       # multi-field only: several networks ("modules"), each
+                                       # for its fields; together they partition `fields`
 
 Errors are ``StudyError`` (a ``ValueError``) with a one-line message naming the file and problem.
 """
@@ -38,7 +40,7 @@ from biometry.config.training import TrainConfig
 
 _TOP_KEYS = {"name", "description", "data", "format", "fields", "multi_field", "folds",
              "train_folds", "split_seed", "calibration", "min_labelled_per_fold", "training",
-             "dispatch", "network_name"}
+             "dispatch", "network_name", "modules"}
 _REQUIRED = {"name", "data", "format", "fields", "folds", "training"}
 
 
@@ -69,6 +71,8 @@ class Study:
     #: run-folder name of the one network of a multi-field study
     #: (``papermill_runs/<study>/train/<network_name>/fold_<k>/``)
     network_name: str = "all"
+    #: multi-field studies with several networks (MIMIR's modules): module name -> its fields
+    modules: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def formats_needed(self) -> tuple[str, ...]:
@@ -77,6 +81,8 @@ class Study:
 
     def networks(self) -> list[tuple[str, ...]]:
         """The field groups that get one network each: all fields at once, or one per field."""
+        if self.modules:
+            return [tuple(v) for v in self.modules.values()]
         return [self.fields] if self.multi_field else [(f,) for f in self.fields]
 
     def train_config(self, **overrides: Any) -> TrainConfig:
@@ -119,7 +125,8 @@ class Study:
                 "calibration": self.calibration,
                 "min_labelled_per_fold": self.min_labelled_per_fold,
                 "training": self.training.to_dict(), "dispatch": dict(self.dispatch),
-                "network_name": self.network_name}
+                "network_name": self.network_name,
+                "modules": {k: list(v) for k, v in self.modules.items()}}
 
 
 def available_studies() -> list[str]:
@@ -202,6 +209,7 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
     data = dict(raw["data"] or {})
     if data.get("source") not in ("phantom", "ukb"):
         raise StudyError(f"{where}: data.source must be 'phantom' or 'ukb'")
+    modules = _modules(raw.get("modules"), keys, multi, where)
     return Study(
         name=name, description=str(raw.get("description", "")).strip(),
         data=data, format=fmt, fields=tuple(keys), multi_field=multi,
@@ -209,7 +217,35 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
         calibration=bool(raw.get("calibration", False)),
         min_labelled_per_fold=int(raw.get("min_labelled_per_fold", 2)), training=training,
         dispatch=dict(raw.get("dispatch") or {}), path=path,
-        network_name=str(raw.get("network_name", "all")))
+        network_name=str(raw.get("network_name", "all")), modules=modules)
+
+
+def _modules(raw, keys, multi: bool, where: str) -> dict[str, tuple[str, ...]]:
+    """The ``modules:`` block: names -> field keys, a partition of the study's fields."""
+    if not raw:
+        return {}
+    if not multi or not isinstance(raw, Mapping):
+        raise StudyError(f"{where}: modules needs multi_field: true and a mapping name -> fields")
+    out: dict[str, tuple[str, ...]] = {}
+    seen: dict[str, str] = {}
+    for name, members in raw.items():
+        name = str(name)
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise StudyError(f"{where}: module name {name!r} must be letters, digits, _ or -")
+        members = tuple(str(k) for k in (members or ()))
+        if not members:
+            raise StudyError(f"{where}: module {name!r} has no fields")
+        for k in members:
+            if k not in keys:
+                raise StudyError(f"{where}: module {name!r} names field {k} that is not in fields")
+            if k in seen:
+                raise StudyError(f"{where}: field {k} is in modules {seen[k]!r} and {name!r}")
+            seen[k] = name
+        out[name] = members
+    left = [k for k in keys if k not in seen]
+    if left:
+        raise StudyError(f"{where}: field(s) {', '.join(left)} belong to no module")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
