@@ -42,7 +42,8 @@ def test_shapes_and_dtypes_match_the_catalogue():
         assert out[name].shape == shape and out[name].dtype == dtype, name
         alone = fn(vol) if name == "projection" else fn(vol, mask=mask)
         np.testing.assert_array_equal(alone, out[name])
-    assert set(formats.FORMATS) == {"projection", "fat_fraction_slices", "mimir", "thigh"}
+    assert set(formats.FORMATS) == {"projection", "fat_fraction_slices", "mimir", "thigh",
+                                   "mimir_original"}
     with pytest.raises(KeyError, match="nope"):
         formats.compute(vol, ["nope"])
 

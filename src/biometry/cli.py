@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("biometry.runs.demo", "main", "the whole pipeline on a phantom cohort"),
     "figures": ("biometry.runs.figures", "main", "regenerate a study's figures and tables"),
     "thigh": ("biometry.runs.thigh", "main", "the thigh-function study: high/low from thigh slices"),
+    "export": ("biometry.inference.export", "main", "write a trained module as a model bundle"),
+    "infer": ("biometry.inference.engine", "main", "predict a release with calibrated 95 % intervals"),
 }
 
 

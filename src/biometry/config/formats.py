@@ -23,6 +23,8 @@ FORMAT_SPECS: dict[str, tuple[tuple[int, int, int], np.dtype]] = {
     "fat_fraction_slices": ((1, *FF_SHAPE), np.dtype(np.uint8)),
     "mimir": ((3, SQUARE, SQUARE), np.dtype(np.uint8)),
     "thigh": ((THIGH_SLICES, *THIGH_SIZE), np.dtype(np.uint8)),
+    # the original MIMIR images, for original modules (biometry.data.formats.mimir_original)
+    "mimir_original": ((3, SQUARE, SQUARE), np.dtype(np.uint8)),
 }
 
 

@@ -20,6 +20,8 @@ A study file holds::
     dispatch: {workers: 1, jobqueue: null}
     network_name: all                  # run-folder name of a multi-field network
     thigh: {...}                       # thigh-function study settings (THIGH_DEFAULTS)
+    modules: {name: [keys], ...}       # multi-field only: several networks ("modules"), each
+                                       # for its fields; together they partition `fields`
 
 Errors are ``StudyError`` (a ``ValueError``) with a one-line message naming the file and problem.
 """
@@ -44,7 +46,7 @@ from biometry.config.training import TrainConfig
 _TOP_KEYS = {"name", "description", "data", "format", "fields", "multi_field", "folds",
              "train_folds", "split_seed", "calibration", "min_labelled_per_fold", "training",
              "dispatch", "network_name", "stratify", "thigh", "liver",
-             "saliency"}
+             "saliency", "modules"}
 #: the ``thigh:`` block of a thigh-function study (docs/thigh.md) and its defaults
 THIGH_DEFAULTS: dict[str, Any] = {
     "backbone": "weights",         # "weights": training.weights (ImageNet file, a path);
@@ -100,6 +102,8 @@ class Study:
     #: fields whose guided Grad-CAM saliency ``biometry study run`` aggregates, and subjects per
     #: sex: ``{fields: [...], subjects: 60}`` (docs/saliency.md); None: only on request
     saliency: Mapping[str, Any] | None = None
+    #: multi-field studies with several networks (MIMIR's modules): module name -> its fields
+    modules: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def formats_needed(self) -> tuple[str, ...]:
@@ -108,6 +112,8 @@ class Study:
 
     def networks(self) -> list[tuple[str, ...]]:
         """The field groups that get one network each: all fields at once, or one per field."""
+        if self.modules:
+            return [tuple(v) for v in self.modules.values()]
         return [self.fields] if self.multi_field else [(f,) for f in self.fields]
 
     def train_config(self, **overrides: Any) -> TrainConfig:
@@ -278,6 +284,7 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
         except KeyError as exc:
             raise StudyError(f"{where}: stratify: {exc.args[0]}") from exc
     thigh = _thigh_settings(raw.get("thigh"), where)
+    modules = _modules(raw.get("modules"), keys, multi, where)
     return Study(
         stratify=stratify, name=name, description=str(raw.get("description", "")).strip(),
         data=data, format=fmt, fields=tuple(keys), multi_field=multi,
@@ -287,8 +294,37 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
         dispatch=dict(raw.get("dispatch") or {}), path=path,
         network_name=str(raw.get("network_name", "all")), thigh=thigh,
         liver=None if raw.get("liver") is None else dict(raw["liver"]),
-        saliency=_saliency_settings(raw.get("saliency"), keys, where))
+        saliency=_saliency_settings(raw.get("saliency"), keys, where),
+        modules=modules)
 
+
+
+def _modules(raw, keys, multi: bool, where: str) -> dict[str, tuple[str, ...]]:
+    """The ``modules:`` block: names -> field keys, a partition of the study's fields."""
+    if not raw:
+        return {}
+    if not multi or not isinstance(raw, Mapping):
+        raise StudyError(f"{where}: modules needs multi_field: true and a mapping name -> fields")
+    out: dict[str, tuple[str, ...]] = {}
+    seen: dict[str, str] = {}
+    for name, members in raw.items():
+        name = str(name)
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise StudyError(f"{where}: module name {name!r} must be letters, digits, _ or -")
+        members = tuple(str(k) for k in (members or ()))
+        if not members:
+            raise StudyError(f"{where}: module {name!r} has no fields")
+        for k in members:
+            if k not in keys:
+                raise StudyError(f"{where}: module {name!r} names field {k} that is not in fields")
+            if k in seen:
+                raise StudyError(f"{where}: field {k} is in modules {seen[k]!r} and {name!r}")
+            seen[k] = name
+        out[name] = members
+    left = [k for k in keys if k not in seen]
+    if left:
+        raise StudyError(f"{where}: field(s) {', '.join(left)} belong to no module")
+    return out
 
 
 def _saliency_settings(raw: Any, keys: list[str], where: str) -> dict[str, Any] | None:

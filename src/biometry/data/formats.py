@@ -342,9 +342,80 @@ def thigh_slices(vol: Volume, n_slices: int = THIGH_SLICES,
     return _to_uint8(resize(unit, size))
 
 
+# --------------------------------------------------------------------------------------------
+# the original MIMIR images (for original modules; REFERENCE_METHODS §2.5-2.7)
+
+#: the original trimmed 4 slices at both ends of the fused volume (3 mm each at the UKB grid)
+ORIGINAL_TRIM_MM: float = 4 * UKB_SPACING[2]
+
+
+def _truncate(unit: np.ndarray) -> np.ndarray:
+    """[0, 1] floats → 0..255 truncated (the original's ``(x * 255).astype(uint8)``), as float."""
+    return np.floor(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.float32)
+
+
+def _round_uint8(values: np.ndarray) -> np.ndarray:
+    """0..255 floats → uint8 rounded (``cv2.resize`` on uint8 rounds its result)."""
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def mimir_original(vol: Volume, mask: np.ndarray | None = None) -> np.ndarray:
+    """The 3-channel image an original MIMIR module was trained on, reproduced from ``vol``.
+
+    ``vol`` should be fused *without* station intensity levelling, as the original did
+    (:data:`FUSE_OPTIONS`; ``biometry prepare`` and the inference engine do so for this format).
+    Differences from :func:`mimir`, each the original's behaviour:
+
+    - 4 slices (12 mm) are trimmed at both ends of the fused volume;
+    - each view is min-max normalised and *truncated* to 0..255 before the bilinear resize
+      (which rounds), instead of resized in floating point and rounded once;
+    - the fat-fraction slices are taken one slice after the half-mass slice (the first index
+      whose preceding mass reaches half), and the fat fraction is truncated, not rounded.
+
+    Returns
+    -------
+    (3, 256, 256) uint8 : water projection, fat projection, full-height fat-fraction slices.
+    """
+    trim = int(round(ORIGINAL_TRIM_MM / vol.spacing[2]))
+    if vol.shape[2] <= 2 * trim + 1:
+        raise ValueError(f"subject {vol.eid}: {vol.shape[2]} slices, too few to trim {trim} at "
+                         f"both ends")
+    mask = _body_mask(vol, mask)[..., trim:-trim]
+    water, fat = _bed_cropped(vol)
+    water, fat = water[..., trim:-trim], fat[..., trim:-trim]
+    channels = []
+    for what, arr in (("water", water), ("fat", fat)):
+        coronal, sagittal = mean_views(arr)
+        side = np.concatenate([_truncate(_minmax(coronal, f"{what} coronal projection", vol.eid)),
+                               _truncate(_minmax(sagittal, f"{what} sagittal projection", vol.eid))],
+                              axis=1)
+        channels.append(_round_uint8(resize(side, (SQUARE, SQUARE))))
+    mask = mask[:, : water.shape[1], :]
+    try:
+        y_c, x_s = centre_of_mass_slices(mask)
+    except ValueError as exc:
+        raise ValueError(f"subject {vol.eid}: {exc}") from None
+    y_c, x_s = min(y_c + 1, water.shape[1] - 1), min(x_s + 1, water.shape[0] // 2 - 1)
+    image = np.concatenate([_head_up(fat_fraction(water[:, y_c, :], fat[:, y_c, :])),
+                            _head_up(fat_fraction(water[x_s], fat[x_s]))], axis=1)
+    if not np.isfinite(image).all():
+        raise ValueError(f"subject {vol.eid}: the fat-fraction slices hold NaN or infinite values")
+    channels.append(_round_uint8(resize(_truncate(image * (1.0 / FF_FULL_SCALE)), (SQUARE, SQUARE))))
+    return np.stack(channels)
+
+
+#: keyword arguments of :func:`biometry.data.volumes.fuse` that a format needs (default: none)
+FUSE_OPTIONS: dict[str, dict] = {"mimir_original": {"correct_intensity": False}}
+
+
+def fuse_options(name: str) -> dict:
+    """The :func:`biometry.data.volumes.fuse` options that format ``name`` is made from."""
+    return dict(FUSE_OPTIONS.get(name, {}))
+
+
 _FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
     "projection": projection, "fat_fraction_slices": fat_fraction_slices, "mimir": mimir,
-    "thigh": thigh_slices}
+    "thigh": thigh_slices, "mimir_original": mimir_original}
 #: format name -> (function, shape, dtype); shapes and dtypes from :mod:`biometry.config.formats`
 FORMATS: dict[str, tuple[Callable[..., np.ndarray], tuple[int, ...], np.dtype]] = {
     name: (_FUNCTIONS[name], shape, dtype) for name, (shape, dtype) in FORMAT_SPECS.items()}
@@ -370,6 +441,8 @@ def compute(vol: Volume, names: list[str] | tuple[str, ...],
         out["projection"] = projection(vol)
     if "thigh" in names:
         out["thigh"] = thigh_slices(vol, mask=mask)
+    if "mimir_original" in names:
+        out["mimir_original"] = mimir_original(vol, mask=mask)
     return {n: out[n] for n in names}
 
 

@@ -161,8 +161,10 @@ def phantom_spacing(input_dir: str | Path) -> tuple[float, float, float] | None:
 # the work
 
 
-def _load(subject: Subject, spacing: tuple[float, float, float] | None = None):
+def _load(subject: Subject, spacing: tuple[float, float, float] | None = None,
+          fuse_options: dict | None = None):
     kwargs = {} if spacing is None else {"spacing": tuple(float(s) for s in spacing)}
+    kwargs.update(fuse_options or {})
     if subject.kind == "nifti":
         return load_subject(subject.source, **kwargs)
     if subject.kind == "converter":
@@ -202,13 +204,22 @@ def prepare_subject(subject: Subject, formats: Sequence[str],
     qc: dict = {"eid": subject.eid, "status": "failed", "stage": "load", "error": "",
                 "source": subject.source}
     try:
-        vol = _load(subject, spacing)
-        qc.update(_numeric_meta(vol.meta))
-        qc["dropped_repeats"] = vol.meta.get("dropped_repeats", "")
-        qc["stage"] = "formats"
-        # NaN/inf: read_nifti refuses them in the files, and the formats refuse them in what
-        # they use (a clear ValueError naming the subject), so no extra pass over the volume
-        arrays = fmt_mod.compute(vol, list(formats))
+        # formats made from differently fused volumes (mimir_original: no intensity levelling)
+        # are computed from one fusion per set of options
+        groups: dict[str, list[str]] = {}
+        for name in formats:
+            groups.setdefault(json.dumps(fmt_mod.fuse_options(name), sort_keys=True), []).append(name)
+        arrays = {}
+        for options, names in groups.items():
+            qc["stage"] = "load"
+            vol = _load(subject, spacing, json.loads(options))
+            qc.update(_numeric_meta(vol.meta))
+            qc["dropped_repeats"] = vol.meta.get("dropped_repeats", "")
+            qc["stage"] = "formats"
+            # NaN/inf: read_nifti refuses them in the files, and the formats refuse them in what
+            # they use (a clear ValueError naming the subject), so no extra pass over the volume
+            arrays.update(fmt_mod.compute(vol, names))
+        arrays = {name: arrays[name] for name in formats}
     except Exception as exc:  # a bad subject must not stop the batch: report it
         qc["error"] = f"{type(exc).__name__}: {exc}".replace("\n", " ")
         return None, qc

@@ -66,7 +66,8 @@ def train_fold(study, unit: str, fold: int, run_dir: str | Path, fields: list[st
     into ``run_dir``; returns the training result.
     """
     study = resolve_study(study)
-    keys = [str(k) for k in (fields or ([unit] if not study.multi_field else study.fields))]
+    default = study.fields if not study.modules else study.modules.get(unit, study.fields)
+    keys = [str(k) for k in (fields or ([unit] if not study.multi_field else default))]
     store, eids, targets, splits = load_targets(study, keys, data_dir, runs_root)
     labelled = ~np.isnan(targets).all(axis=1)
     train_idx, val_idx = fold_indices(splits, eids, fold)

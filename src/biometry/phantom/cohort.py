@@ -9,6 +9,7 @@ do not depend on how (or whether) the images are made.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,10 +63,14 @@ class Subject:
         return anatomy.fused_grid(self.scale)
 
 
-def subject_seed(cohort_seed: int, index: int) -> int:
-    """The seed of subject ``index`` of a cohort (64-bit int from a SeedSequence)."""
-    return int(np.random.SeedSequence([int(cohort_seed), int(index)]).generate_state(
-        1, dtype=np.uint64)[0])
+def subject_seed(cohort_seed: int, index: int, release: int = 1) -> int:
+    """The seed of subject ``index`` of a cohort (64-bit int from a SeedSequence).
+
+    ``release`` > 1 (a later release, :func:`cohort_eids`) draws its subjects from another stream,
+    so that a later release with the cohort seed of the first one holds new people.
+    """
+    entropy = [int(cohort_seed), int(index)] + ([int(release)] if release != 1 else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
 def external_subject_seed(cohort_seed: int, index: int) -> int:
@@ -81,11 +86,19 @@ def external_eids(n: int, seed: int) -> list[str]:
     return [str(90_000_000 + int(k)) for k in picks]
 
 
-def cohort_eids(n: int, seed: int) -> list[str]:
-    """``n`` distinct 7-digit eids; the first ``k`` of ``n`` are those of a cohort of ``k``."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xE1D]))
+def cohort_eids(n: int, seed: int, release: int = 1, exclude: Collection[str] = ()) -> list[str]:
+    """``n`` distinct 7-digit eids; the first ``k`` of ``n`` are those of a cohort of ``k``.
+
+    ``release`` > 1 draws from another stream, and ``exclude`` (the eids of the earlier releases)
+    are never drawn: a later release is disjoint from them by construction, like a UKB release
+    that brings new participants.
+    """
+    if release < 1:
+        raise ValueError(f"release must be >= 1, got {release}")
+    entropy = [int(seed), 0xE1D] + ([int(release)] if release != 1 else [])
+    rng = np.random.default_rng(np.random.SeedSequence(entropy))
     out: list[str] = []
-    seen: set[str] = set()
+    seen: set[str] = {str(e) for e in exclude}
     while len(out) < n:
         e = str(int(rng.integers(1_000_000, 10_000_000)))
         if e not in seen:

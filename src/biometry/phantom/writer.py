@@ -102,9 +102,29 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _cohort_key(seed: int, scale: float, station_format: str) -> dict:
+def _cohort_key(seed: int, scale: float, station_format: str, release: int = 1) -> dict:
     return {"seed": int(seed), "scale": float(scale), "station_format": station_format,
-            "version": PHANTOM_VERSION, "code": code_fingerprint()}
+            "version": PHANTOM_VERSION, "code": code_fingerprint(), "release": int(release)}
+
+
+def earlier_release(root: str | os.PathLike, scale: float) -> tuple[int, list[str]]:
+    """The release number that follows the phantom cohort at ``root``, and the eids to avoid (its
+    own and those of the releases before it). Raises ValueError naming the folder when it is not
+    a complete phantom cohort or was made with another ``scale`` (the protocol must match)."""
+    root = Path(root)
+    try:
+        meta = json.loads((root / "cohort.json").read_text())
+        eids = pd.read_csv(root / "fields.csv", usecols=["eid"], dtype={"eid": str})["eid"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{root}: not a phantom cohort to follow ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not meta.get("complete", False):
+        raise ValueError(f"{root}: the earlier release is incomplete; finish it first")
+    if abs(float(meta.get("scale", -1)) - float(scale)) > 1e-9:
+        raise ValueError(f"{root}: the earlier release has scale {meta.get('scale')}, this one "
+                         f"{scale}; a later release keeps the protocol")
+    earlier = sorted(set(eids) | set(meta.get("earlier_eids", [])))
+    return int(meta.get("release", 1)) + 1, earlier
 
 
 def write_subject(root: Path, subject: Subject, station_format: str, key: dict) -> None:
@@ -209,7 +229,8 @@ def _clear(root: Path, keep_eids: set[str] | None) -> None:
 
 def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scale: float = 1.0,
                     workers: int = 1, overwrite: bool = False, station_format: str = "nifti",
-                    progress: bool = True, external: bool = False) -> Path:
+                    progress: bool = True, external: bool = False,
+                    later_release_of: str | os.PathLike | None = None) -> Path:
     """Generate a phantom cohort that looks like a UKB release (layout in the module docstring).
 
     Parameters
@@ -228,6 +249,9 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
     external : an external cohort for the thigh-function study: other subjects (8-digit volunteer
         ids), other noise and contrast, only the self-reported ``exercise`` label among the
         functional measures (:mod:`biometry.phantom.function`).
+    later_release_of : a phantom cohort folder: write its next release instead, with the same
+        protocol (``scale``) and new subjects whose eids are disjoint from it and from the releases
+        before it (recorded in ``cohort.json``: ``release``, ``earlier_eids``).
 
     Returns
     -------
@@ -251,12 +275,24 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
         raise FileExistsError(f"output directory {root} is not empty; use --overwrite to replace "
                               f"(or resume) a cohort there")
     root.mkdir(parents=True, exist_ok=True)
-    key = _cohort_key(seed, scale, station_format)
+    release, earlier = 1, []
+    if later_release_of is not None:
+        if external:
+            raise ValueError("an external cohort has no later release")
+        if Path(later_release_of).resolve() == root.resolve():
+            raise ValueError(f"{root}: a later release needs its own folder")
+        release, earlier = earlier_release(later_release_of, scale)
+    key = _cohort_key(seed, scale, station_format, release)
     protocol = "external" if external else "ukb"
     if external:  # only then: a UKB cohort's key (and cohort.json) stays as it was
         key["protocol"] = protocol
-    eids = (cohort.external_eids if external else cohort.cohort_eids)(n_subjects, seed)
-    seed_of = cohort.external_subject_seed if external else cohort.subject_seed
+        eids = cohort.external_eids(n_subjects, seed)
+        seed_of = cohort.external_subject_seed
+    else:
+        eids = cohort.cohort_eids(n_subjects, seed, release=release, exclude=earlier)
+
+        def seed_of(cohort_seed: int, index: int) -> int:
+            return cohort.subject_seed(cohort_seed, index, release)
     try:
         old = json.loads((root / "cohort.json").read_text())
         same = {k: old.get(k) for k in key} == key
@@ -264,7 +300,7 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
         same = False
     _clear(root, set(eids) if same else None)
     meta = dict(key, n_subjects=n_subjects, complete=False, generator="biometry.phantom",
-                fused_grid=_grid_meta(anatomy.fused_grid(scale)),
+                fused_grid=_grid_meta(anatomy.fused_grid(scale)), earlier_eids=earlier,
                 stations=[_grid_meta(g) for g in anatomy.station_grids(scale)])
     write_json(root / "cohort.json", meta)
 
@@ -343,6 +379,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--external", action="store_true",
                     help="an external cohort for the thigh study: other noise and contrast, "
                          "volunteer ids, only a self-reported exercise label")
+    ap.add_argument("--later-release-of", metavar="DIR", default=None,
+                    help="write the next release of the phantom cohort in DIR: same protocol, "
+                         "new subjects with eids disjoint from it")
     return ap.parse_args(argv)
 
 
@@ -362,7 +401,8 @@ def _main(argv: list[str]) -> int:
     try:
         generate_cohort(out, a.subjects, a.seed, scale=a.scale, workers=a.workers,
                         overwrite=a.overwrite, station_format=a.station_format,
-                        progress=not a.no_progress, external=a.external)
+                        progress=not a.no_progress, external=a.external,
+                        later_release_of=a.later_release_of)
     except (ValueError, FileExistsError) as exc:
         raise UsageError(str(exc)) from None
     print(f"phantom cohort of {a.subjects} subjects written to {out}")

@@ -558,4 +558,67 @@ def saliency_grid(panels: Mapping[str, tuple[np.ndarray, np.ndarray]], ncols: in
             ax.set_title(title)
         for ax in axes:
             ax.set_axis_off()
+
+# ---------------------------------------------------------------------------------------------
+# uncertainty (the uncertainty paper's style: calibration curves, sparsification, release vs CV)
+
+
+def calibration_curves(curves: pd.DataFrame, title: str = "") -> Figure:
+    """Observed against expected coverage of central intervals, one line per field.
+
+    ``curves``: ``field, expected, observed`` (and optionally ``observed_raw``, drawn dashed: the
+    same before the variance scaling). The diagonal is a calibrated model.
+    """
+    fig = _figure(3.2, 3.0)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, zorder=0)
+    for i, (key, t) in enumerate(curves.groupby("field", sort=True)):
+        colour = f"C{i % 10}"
+        ax.plot(np.r_[0, t["expected"], 1], np.r_[0, t["observed"], 1], color=colour, lw=1.2,
+                label=str(key))
+        if "observed_raw" in t:
+            ax.plot(np.r_[0, t["expected"], 1], np.r_[0, t["observed_raw"], 1], color=colour,
+                    lw=0.8, ls="--")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="expected coverage of the central interval",
+           ylabel="observed coverage", title=title)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", frameon=False, ncol=2)
+    return fig
+
+
+def sparsification_plot(curves: pd.DataFrame, title: str = "") -> Figure:
+    """Sparsification curves per field: MAE (relative to all subjects) of the subjects kept as the
+    most uncertain are removed (solid), against the oracle (dotted). ``curves``: ``field,
+    removed, mae, oracle, random``."""
+    fig = _figure(3.2, 3.0)
+    ax = fig.add_subplot()
+    for i, (key, t) in enumerate(curves.groupby("field", sort=True)):
+        base = float(t["random"].iloc[0]) or 1.0
+        ax.plot(t["removed"], t["mae"] / base, color=f"C{i % 10}", lw=1.2, label=str(key))
+        ax.plot(t["removed"], t["oracle"] / base, color=f"C{i % 10}", lw=0.8, ls=":")
+    ax.set(xlabel="fraction of subjects removed (most uncertain first)",
+           ylabel="MAE / MAE of all subjects", title=title, xlim=(0, 1), ylim=(0, None))
+    ax.legend(loc="lower left", frameon=False, ncol=2)
+    return fig
+
+
+def release_vs_cv(table: pd.DataFrame, title: str = "") -> Figure:
+    """A later release against cross-validation per field (the MIMIR paper's Fig. 2, with the
+    intervals): left, R² on the release (dot) over the CV folds' range (bar) and pooled CV R²
+    (tick); right, coverage of the 95 % intervals with the 92-98 % band. ``table``: the output of
+    :func:`biometry.inference.release.compare_release`."""
+    fig = _figure(6.4, 0.35 * max(len(table), 3) + 0.8)
+    ax_r2, ax_cov = fig.subplots(1, 2, sharey=True)
+    y = np.arange(len(table))[::-1]
+    labels = [f"{r.field} (n={r.n})" for r in table.itertuples()]
+    ax_r2.hlines(y, table["cv_r2_min"], table["cv_r2_max"], color="#999999", lw=4,
+                 label="CV folds (range)")
+    ax_r2.scatter(table["cv_r2"], y, marker="|", s=80, color="#333333", label="CV pooled")
+    ax_r2.scatter(table["r2"], y, color="C0", s=14, zorder=3, label="later release")
+    ax_r2.set(yticks=y, yticklabels=labels, xlabel="R²", title=title)
+    ax_r2.legend(loc="lower left", frameon=False)
+    ax_cov.axvspan(0.92, 0.98, color="#dddddd", zorder=0)
+    ax_cov.axvline(0.95, color="#999999", lw=0.8)
+    ax_cov.scatter(table["coverage95"], y, color="C1", s=14, zorder=3)
+    ax_cov.set(xlabel="coverage of the 95 % intervals", xlim=(0.8, 1.0))
     return fig

@@ -4,6 +4,7 @@
 runs, how often (``scope``), and which stages' runs it reads (``needs``):
 
 * ``"network"``: one run per network and fold (``train``: a field, or a multi-field network);
+* ``"module"``: one run per network, all folds together (``calibrate``);
 * ``"field"``: one run per field of the study (``evaluate``);
 * ``"study"``: one run for the study (``agreement``, ``feature-space``);
 * ``"figures"``: every figure notebook of :data:`biometry.runs.figures.FIGURE_NOTEBOOKS`.
@@ -58,7 +59,7 @@ from biometry.runs.runner import (
     stored_identity,
 )
 
-SCOPES = ("network", "field", "study", "figures")
+SCOPES = ("network", "module", "field", "study", "figures")
 
 
 def _always(_study: Study) -> bool:
@@ -108,6 +109,10 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("evaluate", "03_evaluate_field.ipynb", "field", ("train",),
           "per field: metrics, linear baseline, AUC at the field's threshold, outliers",
           applies=_networks),
+    Stage("calibrate", "08_calibrate.ipynb", "module", ("train",),
+          "per network: variance scaling on the out-of-fold predictions, coverage, AUCE, "
+          "sparsification (docs/inference.md)",
+          applies=lambda s: s.calibration and s.training.head == "mean_variance"),
     Stage("saliency", "06_saliency.ipynb", "field", ("train",),
           "per field: guided Grad-CAM aggregated per sex by co-registration (docs/saliency.md)",
           applies=lambda s: bool(_saliency_fields(s)), fields=_saliency_fields,
@@ -214,6 +219,13 @@ def stage_specs(study: Study, st: Stage, root: Path, data_dir=None,
                         notebook=st.notebook,
                         identity=derived_identity(study, st, upstream, root, data, k)
                         if with_identity else None) for k in keys]
+    if st.scope == "module":
+        units = (list(study.modules) if study.modules else
+                 [study.network_name] if study.multi_field else list(study.fields))
+        return [RunSpec(study.name, st.folder, {**common, "module": u}, field=u,
+                        notebook=st.notebook,
+                        identity=derived_identity(study, st, upstream, root, data, u)
+                        if with_identity else None) for u in units]
     if st.scope == "study":
         return [RunSpec(study.name, st.folder, dict(common), notebook=st.notebook,
                         identity=derived_identity(study, st, upstream, root, data)

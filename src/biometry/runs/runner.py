@@ -54,6 +54,9 @@ STAGES: dict[str, str] = {
     "thigh": "10_thigh_function.ipynb",
     "liver": "07_liver_fat.ipynb",
     "saliency": "06_saliency.ipynb",
+    "calibrate": "08_calibrate.ipynb",
+    "inference": "08_inference.ipynb",
+    "later_release": "09_later_release.ipynb",
 }
 DONE = "done.json"
 FAILED = "failed.json"

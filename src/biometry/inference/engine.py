@@ -1,0 +1,275 @@
+"""The inference engine (``biometry infer``): UKB zips or NIfTI station folders → one table of
+calibrated predictions with 95 % intervals.
+
+1. The model bundles are loaded and checked (:func:`biometry.inference.bundle.load_bundle`);
+   two bundles that predict the same field are refused.
+2. The input's subjects are prepared into a cache of prepared stores, one per input format and
+   grid (``<cache>/<format>-<grid>/``, :mod:`biometry.data.store`). A second run over the same
+   input reuses what is cached, failures included (``--retry-failed`` redoes them).
+3. Each bundle predicts every prepared subject; outputs are in the field's catalogue unit (or the
+   original module's unit).
+4. ``predictions.csv``: one row per subject, ``eid`` and for each field key F the columns
+   ``F_mean``, ``F_var``, ``F_lo95``, ``F_hi95``; ``predictions.json``: fields, names, units, the
+   models and their versions; ``failures.csv``: ``eid, source, stage, error`` of the subjects that
+   could not be prepared. All three are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from biometry import __version__, fileio
+from biometry.data.prepare import Subject, find_subjects, phantom_spacing, process_chunk
+from biometry.data.store import Store
+from biometry.data.types import UKB_SPACING
+from biometry.errors import UsageError, run_guarded
+from biometry.inference.bundle import Bundle, BundleError, load_bundle, predict_calibrated
+from biometry.inference.uncertainty import interval
+
+_ZIP_RE = re.compile(r"^(\d+)_20201_(\d+)_(\d+)\.zip$")
+CHUNK = 16
+FAILURE_COLUMNS = ["eid", "source", "stage", "error"]
+
+
+@dataclass
+class InferResult:
+    """What one :func:`infer` call did (``summary()`` is the line the CLI prints)."""
+
+    out: Path
+    n_input: int
+    predictions: pd.DataFrame
+    failures: pd.DataFrame
+    n_cached: int = 0
+    prepare_seconds: float = 0.0
+    network_seconds: float = 0.0
+    seconds: float = 0.0
+    fields: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        line = (f"infer: {self.n_input} subjects, {len(self.predictions)} predicted, "
+                f"{len(self.failures)} failed, {self.n_cached} from the cache; "
+                f"{self.seconds:.1f} s (preparation {self.prepare_seconds:.1f} s, networks "
+                f"{self.network_seconds:.1f} s) -> {self.out}")
+        if len(self.failures):
+            first = self.failures.iloc[0]
+            line += f" (e.g. {first['eid']}: {first['error']}; see failures.csv)"
+        return line
+
+
+def find_inputs(inputs: Sequence[str | Path]) -> tuple[list[Subject], Path | None]:
+    """Subjects of ``inputs``: one folder (see :func:`biometry.data.prepare.find_subjects`) or
+    UKB zip files ``<eid>_20201_<instance>_0.zip``. Returns the subjects and the folder (if one).
+
+    Raises ValueError with one line when nothing usable is there.
+    """
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise ValueError("no input given")
+    if len(inputs) == 1 and inputs[0].is_dir():
+        return find_subjects(inputs[0]), inputs[0]
+    subjects = []
+    for p in inputs:
+        m = _ZIP_RE.match(p.name)
+        if p.is_dir() or not m:
+            raise ValueError(f"{p}: give one input folder or UKB zip files "
+                             f"(<eid>_20201_2_0.zip)")
+        if not p.is_file():
+            raise ValueError(f"{p}: no such file")
+        eid, instance = m.group(1), int(m.group(2))
+        subjects.append(Subject(eid if instance == 2 else f"{eid}-{instance}", str(p), "zip"))
+    keys = pd.Series([s.eid for s in subjects])
+    dup = sorted(set(keys[keys.duplicated()]))
+    if dup:
+        raise ValueError(f"subject(s) {', '.join(dup[:10])} appear more than once in the input")
+    return subjects, None
+
+
+def _grid_tag(spacing: tuple[float, float, float] | None) -> str:
+    if spacing is None:
+        return "ukb"
+    return "x".join(f"{s:.4g}" for s in spacing)
+
+
+def prepare_cached(subjects: Sequence[Subject], fmt: str, cache: Path,
+                   spacing: tuple[float, float, float] | None, progress: bool = True,
+                   retry_failed: bool = False) -> tuple[Store, int]:
+    """Prepare ``subjects`` in format ``fmt`` into the cache store; returns it and how many of the
+    subjects were there already."""
+    store = Store.create(cache / f"{fmt}-{_grid_tag(spacing)}", [fmt], exist_ok=True)
+    done = store.done(retry_failed=retry_failed)
+    todo = [s for s in subjects if s.eid not in done]
+    chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
+    bar = tqdm(total=len(todo), unit="subject", desc=f"prepare {fmt}",
+               disable=not progress or not todo, file=sys.stderr)
+    try:
+        for chunk, part in zip(chunks, store.next_parts(len(chunks)), strict=True):
+            res = process_chunk(chunk, str(store.path), part, [fmt], spacing)
+            store.commit(*res)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    store.refresh()
+    return store, len(subjects) - len(todo)
+
+
+def load_bundles(models: Sequence[str | Path]) -> list[Bundle]:
+    """Load every bundle; refuse two that predict the same field (one line naming both)."""
+    if not models:
+        raise ValueError("no model given (--model DIR)")
+    bundles = [load_bundle(m) for m in models]
+    seen: dict[str, str] = {}
+    for b in bundles:
+        for key in b.field_keys:
+            if key in seen:
+                raise ValueError(f"field {key} is predicted by both {seen[key]} and {b.path}")
+            seen[key] = str(b.path)
+    return bundles
+
+
+def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | str | Path,
+          out: str | Path, cache: str | Path | None = None, batch_size: int = 32,
+          device: str = "auto", progress: bool = True, spacing: Sequence[float] | None = None,
+          retry_failed: bool = False, channels_last: bool = False, bf16: bool = False
+          ) -> InferResult:
+    """Predict every subject of ``inputs`` with every model; write the three output files.
+
+    Parameters
+    ----------
+    models : bundle folders (or loaded bundles).
+    inputs : one folder (phantom root, UKB zips, subject folders with station NIfTI) or zip files.
+    out : the ``predictions.csv`` path; ``failures.csv`` and ``predictions.json`` go beside it.
+    cache : the cache folder (default ``<out folder>/cache``).
+    batch_size, device, channels_last, bf16 : the forward passes.
+    spacing : fused grid (mm); default the phantom's grid for a phantom root, else the UKB grid.
+    retry_failed : prepare again the subjects that failed in an earlier run.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    bundles = [m if isinstance(m, Bundle) else None for m in models]
+    if any(b is None for b in bundles):
+        bundles = load_bundles([m for m in models if not isinstance(m, Bundle)]) + [
+            b for b in bundles if b is not None]
+    subjects, folder = find_inputs(inputs)
+    if spacing is None and folder is not None:
+        spacing = phantom_spacing(folder)
+    grid = tuple(float(s) for s in spacing) if spacing is not None else None
+    cache = Path(cache) if cache else out.parent / "cache"
+    formats = list(dict.fromkeys(b.input_format for b in bundles))
+
+    stores, n_cached = {}, len(subjects)
+    for fmt in formats:
+        stores[fmt], cached = prepare_cached(subjects, fmt, cache, grid, progress, retry_failed)
+        n_cached = min(n_cached, cached)
+    t_prep = time.perf_counter() - t0
+
+    order = [s.eid for s in subjects]
+    failures = []
+    ok = set(order)
+    for fmt, store in stores.items():
+        failed = store.failed()
+        failed = failed[failed["eid"].isin(ok)]
+        for _, r in failed.iterrows():
+            failures.append({"eid": r["eid"], "source": r.get("source", ""), "stage": r["stage"],
+                             "error": f"{fmt}: {r['error']}"})
+        ok &= set(store.eids)
+    eids = [e for e in order if e in ok]
+    fail_table = pd.DataFrame(failures, columns=FAILURE_COLUMNS).drop_duplicates("eid")
+    fail_table = fail_table[~fail_table["eid"].isin(ok)].reset_index(drop=True)
+
+    t1 = time.perf_counter()
+    columns: dict[str, np.ndarray] = {"eid": np.asarray(eids, dtype=object)}
+    field_meta = []
+    bar = tqdm(total=len(bundles) * len(eids), unit="subject", desc="predict",
+               disable=not progress or not eids, file=sys.stderr)
+    for b in bundles:
+        store = stores[b.input_format]
+        rows = store.rows(eids) if eids else np.zeros(0, dtype=np.int64)
+        arr = store.array(b.input_format)
+        means, variances = [], []
+        for s in range(0, len(rows), 256):  # bounded memory: 256 images at a time
+            mu, var = predict_calibrated(b, np.asarray(arr[rows[s:s + 256]]),
+                                         batch_size=batch_size, device=device,
+                                         channels_last=channels_last, bf16=bf16)
+            means.append(mu)
+            variances.append(var)
+            bar.update(len(mu))
+        t = len(b.field_keys)
+        mu = np.concatenate(means) if means else np.zeros((0, t))
+        var = np.concatenate(variances) if variances else np.zeros((0, t))
+        lo, hi = interval(mu, var, 0.95)
+        for j, key in enumerate(b.field_keys):
+            columns[f"{key}_mean"] = mu[:, j]
+            columns[f"{key}_var"] = var[:, j]
+            columns[f"{key}_lo95"] = lo[:, j]
+            columns[f"{key}_hi95"] = hi[:, j]
+            field_meta.append({"key": key, "name": b.field_names[j], "unit": b.units[j],
+                               "model": str(b.path), "calibration_factor": float(b.calibration[j]),
+                               "members": len(b.members)})
+    bar.close()
+    t_net = time.perf_counter() - t1
+    table = pd.DataFrame(columns)
+    fileio.write_csv(out, table)
+    fileio.write_csv(out.parent / "failures.csv", fail_table)
+    fileio.write_json(out.with_suffix(".json"), {
+        "biometry_version": __version__, "interval": 0.95,
+        "columns": "F_mean, F_var (calibrated), F_lo95, F_hi95 = mean -/+ 1.96 sqrt(var)",
+        "fields": field_meta,
+        "models": [{"path": str(b.path), "name": b.name, "original_mimir": b.original,
+                    "package_version": b.meta.get("package_version"),
+                    "input_format": b.input_format} for b in bundles],
+        "grid_mm": list(grid) if grid else list(UKB_SPACING),
+        "n_subjects": len(subjects), "n_predicted": len(table), "n_failed": len(fail_table)})
+    return InferResult(out=out, n_input=len(subjects), predictions=table, failures=fail_table,
+                       n_cached=n_cached, prepare_seconds=t_prep, network_seconds=t_net,
+                       seconds=time.perf_counter() - t0, fields=field_meta)
+
+
+def main(argv: list[str]) -> int:
+    """``biometry infer``: exit 0 when every subject is predicted, 1 if some failed, 2 on bad
+    usage or an unusable model/input (one line)."""
+    def _run(args_list: list[str]) -> int:
+        p = argparse.ArgumentParser(
+            prog="biometry infer",
+            description="Predict every subject of a release with calibrated 95 %% intervals.")
+        p.add_argument("--model", action="append", required=True, metavar="DIR",
+                       help="a model bundle or an original MIMIR module folder (repeatable)")
+        p.add_argument("--input", nargs="+", required=True, metavar="DIR_OR_ZIP",
+                       help="one folder (UKB zips, NIfTI station folders, a phantom cohort) or "
+                            "UKB zip files")
+        p.add_argument("--out", required=True, help="predictions.csv to write (failures.csv and "
+                       "predictions.json beside it)")
+        p.add_argument("--cache", default=None, help="cache of prepared inputs (default: "
+                       "<out folder>/cache); a second run reuses it")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                       help="fused grid (mm); default the phantom's grid or the UKB grid")
+        p.add_argument("--retry-failed", action="store_true",
+                       help="prepare again subjects that failed in an earlier run")
+        p.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
+        p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+        p.add_argument("--no-progress", action="store_true")
+        a = p.parse_args(args_list)
+        if a.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        try:
+            result = infer(a.model, a.input, a.out, a.cache, a.batch_size, a.device,
+                           not a.no_progress, a.spacing, a.retry_failed, a.channels_last, a.bf16)
+        except (BundleError, FileNotFoundError, ValueError, KeyError) as exc:
+            raise UsageError(str(exc).strip("'\"")) from None
+        print(result.summary(), file=sys.stdout if result.failures.empty else sys.stderr)
+        return 0 if result.failures.empty else 1
+
+    return run_guarded(_run, argv, "biometry infer")

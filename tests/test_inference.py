@@ -1,0 +1,239 @@
+"""Model bundles and the inference engine on a tiny phantom: outputs, cache, failures."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from biometry.cli import main as cli_main
+from biometry.config.paths import notebooks_dir
+from biometry.config.study import load_study
+from biometry.config.training import TrainConfig
+from biometry.inference import bundle as B
+from biometry.inference.engine import infer
+from biometry.inference.export import calibrate_module, export_module
+from biometry.learn.models import build_model
+from biometry.learn.trainer import train
+from biometry.phantom import generate_cohort
+from biometry.runs.notebook import execute_notebook
+
+KEYS = ["22407", "21002"]  # VAT (L), weight (kg)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Two folds of a tiny mean-variance network on random images (the files a study leaves)."""
+    root = tmp_path_factory.mktemp("train") / "all"
+    rng = np.random.default_rng(0)
+    n = 24
+    images = rng.integers(0, 255, (n, 2, 256, 256), dtype=np.uint8)
+    targets = np.column_stack([rng.normal(4, 1, n), rng.normal(80, 10, n)])
+    targets[::5, 0] = np.nan
+    eids = [str(1000000 + i) for i in range(n)]
+    cfg = TrainConfig(arch="resnet18", in_channels=2, input_size=(16, 16), head="mean_variance",
+                      loss="gaussian_nll", batch_size=4, iterations=2, lr_steps=(), device="cpu",
+                      checkpoint_every=0, translate_px=0)
+    idx = np.arange(n)
+    for k in range(2):
+        val = idx[idx % 2 == k]
+        train(cfg, images, targets, idx[idx % 2 != k], val, root / f"fold_{k}", eids, KEYS,
+              progress=False, fold=k)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(trained, tmp_path_factory) -> Path:
+    return export_module(load_study("demo"), "all", tmp_path_factory.mktemp("b") / "bundle",
+                         folder=trained)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    """A 3-subject phantom release as UKB zips, one of them corrupt."""
+    root = generate_cohort(tmp_path_factory.mktemp("rel") / "r", 3, 4, scale=0.2,
+                           station_format="zip", progress=False)
+    zips = sorted((root / "zip").glob("*.zip"))
+    zips[1].write_bytes(b"PK\x03\x04 this is not a zip")
+    return root
+
+
+def test_calibration_stage_files(trained, tmp_path):
+    scales = calibrate_module(trained, tmp_path)
+    meta = json.loads((tmp_path / "calibration.json").read_text())
+    assert set(meta["factors"]) == set(KEYS) == set(scales)
+    oof = pd.concat([pd.read_csv(trained / f"fold_{k}" / "predictions.csv",
+                                 dtype={"field": str}) for k in (0, 1)])
+    t = oof[oof["field"] == "21002"]
+    expected = np.mean((t["reference"] - t["prediction"]) ** 2 / t["variance"])
+    assert meta["factors"]["21002"] == pytest.approx(expected)
+    report = pd.read_csv(tmp_path / "calibration.csv", dtype={"field": str}).set_index("field")
+    assert report.loc["21002", "coverage95"] == pytest.approx(
+        np.mean(np.abs(t["reference"] - t["prediction"]) <= 1.959964 * np.sqrt(
+            t["variance"] * expected)), abs=1e-6)
+    assert (tmp_path / "sparsification.csv").is_file() and (tmp_path / "calibration.md").is_file()
+
+
+def test_bundle_round_trip(bundle_dir, trained):
+    b = B.load_bundle(bundle_dir)
+    assert b.field_keys == KEYS and b.units == ["L", "kg"] and len(b.members) == 2
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    assert meta["input"]["format"] == "projection" and meta["input"]["input_size"] == [16, 16]
+    assert "weights/fold_0.pt" in meta["files"] and "model_card.md" in meta["files"]
+    card = (bundle_dir / "model_card.md").read_text()
+    assert "Cross-validated metrics" in card and "| 21002 | weight | kg |" in card
+    # the bundle's fold-0 network predicts what the trained one predicted out of fold
+    raw = torch.load(trained / "fold_0" / "model.pt", weights_only=True)
+    assert torch.equal(b.members[0].model.state_dict()["fc.weight"], raw["state_dict"]["fc.weight"])
+    np.testing.assert_allclose(b.calibration, [meta["calibration"]["factors"][0],
+                                               meta["calibration"]["factors"][1]])
+
+
+def _copy(bundle_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle_dir, tmp_path / "copy"))
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bundle_from_another_version(bundle_dir, tmp_path, capsys):
+    d = _copy(bundle_dir, tmp_path)
+    meta = json.loads((d / "bundle.json").read_text())
+    meta["package_version"] = "9.3.0"
+    (d / "bundle.json").write_text(json.dumps(meta))
+    err = _one_line_error(capsys, ["infer", "--model", str(d), "--input", str(tmp_path),
+                                   "--out", str(tmp_path / "p.csv")])
+    assert "exported by biometry 9.3.0, this is biometry" in err and str(d) in err
+
+
+def test_bundle_with_a_missing_file(bundle_dir, tmp_path, capsys):
+    d = _copy(bundle_dir, tmp_path)
+    (d / "weights" / "fold_1.pt").unlink()
+    err = _one_line_error(capsys, ["infer", "--model", str(d), "--input", str(tmp_path),
+                                   "--out", str(tmp_path / "p.csv")])
+    assert err.endswith(f"{d}: missing file weights/fold_1.pt (listed in bundle.json)")
+
+
+class Payload:
+    """An arbitrary object: loading it would run code chosen by whoever wrote the file."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_pickled_object_where_weights_should_be(bundle_dir, tmp_path, capsys):
+    d = _copy(bundle_dir, tmp_path)
+    w = d / "weights" / "fold_0.pt"
+    torch.save({"state_dict": Payload()}, w)  # a checksum that matches: only unpickling guards
+    meta = json.loads((d / "bundle.json").read_text())
+    meta["files"]["weights/fold_0.pt"] = B.sha256(w)
+    (d / "bundle.json").write_text(json.dumps(meta))
+    err = _one_line_error(capsys, ["infer", "--model", str(d), "--input", str(tmp_path),
+                                   "--out", str(tmp_path / "p.csv")])
+    assert "fold_0.pt is not a plain tensor file (refused to unpickle it" in err
+    assert "unpickled!" not in capsys.readouterr().out
+    # and a tampered file is caught by its checksum before that
+    pickle.dump({"x": 1}, w.open("wb"))
+    with pytest.raises(B.BundleError, match="does not match its checksum"):
+        B.load_bundle(d)
+
+
+def test_input_folder_with_nothing_usable(bundle_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    err = _one_line_error(capsys, ["infer", "--model", str(bundle_dir), "--input", str(empty),
+                                   "--out", str(tmp_path / "p.csv")])
+    assert f"{empty}: no subjects found" in err
+
+
+@pytest.mark.slow
+def test_engine_end_to_end_with_a_corrupt_zip(bundle_dir, release, tmp_path, capsys):
+    out = tmp_path / "out" / "predictions.csv"
+    rc = cli_main(["infer", "--model", str(bundle_dir), "--input", str(release / "zip"),
+                   "--out", str(out), "--no-progress", "--cache", str(tmp_path / "cache")])
+    assert rc == 1
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    assert summary.startswith("infer: 3 subjects, 2 predicted, 1 failed")
+    zips = sorted((release / "zip").glob("*.zip"))
+    bad = zips[1].name.split("_")[0]
+    fails = pd.read_csv(out.parent / "failures.csv", dtype={"eid": str})
+    assert fails["eid"].tolist() == [bad] and fails["error"].str.len().min() > 0
+    pred = pd.read_csv(out, dtype={"eid": str})
+    assert sorted(pred["eid"]) == sorted(z.name.split("_")[0] for z in zips if z != zips[1])
+    for key in KEYS:
+        lo, hi = pred[f"{key}_lo95"], pred[f"{key}_hi95"]
+        np.testing.assert_allclose(hi - lo, 2 * 1.959964 * np.sqrt(pred[f"{key}_var"]), rtol=1e-5)
+        assert ((lo < pred[f"{key}_mean"]) & (pred[f"{key}_mean"] < hi)).all()
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert {f["key"]: f["unit"] for f in side["fields"]} == {"22407": "L", "21002": "kg"}
+    # a second run prepares nothing: every subject (the failed one too) comes from the cache
+    res = infer([bundle_dir], release / "zip", tmp_path / "again.csv", cache=tmp_path / "cache",
+                progress=False)
+    assert res.n_cached == 3 and res.prepare_seconds < 5
+    pd.testing.assert_frame_equal(res.predictions.reset_index(drop=True),
+                                  pred.astype({"eid": object}), check_dtype=False)
+
+
+@pytest.mark.slow
+def test_original_mimir_module_loads_and_applies_its_divisor(tmp_path):
+    t = 2
+    model = build_model("resnet50", 3, t, "mean_variance", seed=1)
+    with torch.no_grad():  # moderate outputs from an untrained net fed 0-255 values
+        model.fc.weight.mul_(1e-3)
+    d = tmp_path / "module_body"
+    d.mkdir()
+    torch.save({"epoch": 10000, "state_dict": model.state_dict()}, d / "snapshot.pth.tar")
+    (d / "metadata.txt").write_text("Name,Field,Unit,Divisor\nVAT,22407,L,1\nGrip,47,g,1000\n")
+    (d / "standardization_parameters.txt").write_text("mean,sd\n4.0,1.5\n30000,8000\n")
+    (d / "calibration_factors.txt").write_text("calibration_factor\n1.2\n0.8\n")
+    b = B.load_bundle(d)
+    assert b.original and b.input_format == "mimir_original" and b.pixel_scale == 1.0
+    assert b.field_keys == ["22407", "47"]
+    images = np.random.default_rng(0).integers(0, 4, (2, 3, 256, 256), dtype=np.uint8)
+    means, variances = B.forward(b, images)
+    with torch.no_grad():
+        raw = model.eval()(torch.from_numpy(images).float()).numpy().reshape(2, t, 2)
+    np.testing.assert_allclose(means[0, :, 1], (raw[:, 1, 0] * 8000 + 30000) / 1000, rtol=1e-4)
+    # the variance is divided by the divisor squared (the original divided by the divisor)
+    np.testing.assert_allclose(variances[0, :, 1], np.exp(raw[:, 1, 1]) * 8000 ** 2 / 1000 ** 2,
+                               rtol=1e-4)
+    mu, var = B.predict_calibrated(b, images)
+    np.testing.assert_allclose(var[:, 0], variances[0, :, 0] * 1.2, rtol=1e-6)
+    (d / "calibration_factors.txt").unlink()
+    with pytest.raises(B.BundleError, match="missing file calibration_factors.txt"):
+        B.load_bundle(d)
+
+
+@pytest.mark.slow
+def test_notebooks_calibrate_and_later_release(trained, bundle_dir, release, tmp_path):
+    """08_calibrate on a module's folds and 09_later_release on a (partly corrupt) release."""
+    runs_root = tmp_path / "runs"
+    shutil.copytree(trained, runs_root / "demo" / "train" / "all")
+    cal = tmp_path / "cal"
+    execute_notebook(notebooks_dir() / "08_calibrate.ipynb", cal / "08.ipynb",
+                     {"study": "demo", "module": "all", "run_dir": str(cal),
+                      "runs_root": str(runs_root)})
+    assert set(json.loads((cal / "calibration.json").read_text())["factors"]) == set(KEYS)
+    assert (cal / "calibration_curves.png").is_file() and (cal / "sparsification.pdf").is_file()
+    rel = tmp_path / "rel"
+    execute_notebook(notebooks_dir() / "09_later_release.ipynb", rel / "09.ipynb",
+                     {"bundle": str(bundle_dir), "release_dir": str(release), "run_dir": str(rel),
+                      "min_references": 1})
+    table = pd.read_csv(rel / "release_metrics.csv", dtype={"field": str}).set_index("field")
+    assert list(table.index) == KEYS
+    refs = pd.read_csv(release / "fields.csv", dtype={"eid": str})
+    pred = pd.read_csv(rel / "predictions.csv", dtype={"eid": str})
+    have = refs.set_index("eid").loc[pred["eid"], "21002-2.0"].notna().sum()
+    assert table.loc["21002", "n"] == have
+    assert (rel / "release_vs_cv.png").is_file() and (rel / "release_calibration.png").is_file()
