@@ -262,3 +262,16 @@ def test_results_do_not_depend_on_the_row_order(tmp_path):
         assert (outs[0] / file).read_bytes() == (outs[1] / file).read_bytes(), file
     pred = pd.read_csv(outs[0] / "predictions.csv", dtype={"eid": str})
     assert pred["eid"].tolist() == sorted(eids[16:])
+
+
+def test_classification_accuracy_counts_classes_not_a_threshold():
+    """More than two classes: the prediction is the argmax class, so class 1 for a subject of
+    class 2 is wrong (the old rule, prediction > 0.5 against reference > 0.5, called it right)."""
+    table = pd.DataFrame({"field": "x", "reference": [2.0, 1.0, 0.0],
+                          "prediction": [1.0, 1.0, 0.0]})
+    per = trainer._metrics("classification", table, ["x"], n_classes=3)["per_field"]["x"]
+    assert per["accuracy"] == pytest.approx(2 / 3)
+    binary = pd.DataFrame({"field": "x", "reference": [1.0, 0.0, 1.0, 0.0],
+                           "prediction": [0.9, 0.2, 0.4, 0.6]})
+    per = trainer._metrics("classification", binary, ["x"], n_classes=2)["per_field"]["x"]
+    assert per["accuracy"] == pytest.approx(0.5) and per["auc"] == pytest.approx(0.75)

@@ -378,7 +378,7 @@ def train(
     loaded = bundle_from_raw(bundle, model)
     preds = predict(loaded, images[val_idx] if len(val_idx) else images[:0], device=str(device))
     table = _prediction_table(config.head, preds, targets, y_net, val_idx, eids, field_keys, fold)
-    metrics = _metrics(config.head, table, field_keys)
+    metrics = _metrics(config.head, table, field_keys, n_classes=n_out)
     tail = loss_hist[-min(50, len(loss_hist)):] if loss_hist else [float("nan")]
     # wall-clock times go to their own file: metrics.json holds only what the seed determines,
     # so that two runs of one configuration can be compared byte for byte
@@ -432,14 +432,17 @@ def _prediction_table(head: str, preds: np.ndarray, targets: np.ndarray, y_net: 
     return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
 
 
-def _metrics(head: str, table: pd.DataFrame, field_keys: list[str]) -> dict[str, Any]:
+def _metrics(head: str, table: pd.DataFrame, field_keys: list[str],
+             n_classes: int = 2) -> dict[str, Any]:
     per: dict[str, Any] = {}
     for key in field_keys:
         t = table[table["field"] == key]
         ref, pred = t["reference"].to_numpy(), t["prediction"].to_numpy()
         n = len(t)
         if head == "classification":
-            acc = float(np.mean((pred > 0.5) == (ref > 0.5))) if n else float("nan")
+            # binary: the prediction is P(class 1); more classes: it is the argmax class
+            label = (pred > 0.5).astype(np.float64) if n_classes == 2 else pred
+            acc = float(np.mean(label == ref)) if n else float("nan")
             auc = float(roc_auc_score(ref, pred)) if n and len(np.unique(ref)) == 2 else float("nan")
             per[key] = {"accuracy": acc, "auc": auc, "n": n}
         else:
