@@ -91,6 +91,7 @@ def finished_study(tmp_path_factory):
         run = base / "train" / "all" / f"fold_{k}"
         run.mkdir(parents=True)
         pd.concat(rows).to_csv(run / "predictions.csv", index=False)
+        (run / "done.json").write_text("{}")  # a finished run: the evaluation reads only those
     evaluate_field(str(path), "22407", base / "evaluate" / "22407", runs_root=runs)
     saliency = base / "saliency" / "22407"
     saliency.mkdir(parents=True)

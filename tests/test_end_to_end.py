@@ -37,6 +37,7 @@ def tiny_study(tmp_path_factory):
         "name": "tiny", "description": "end-to-end smoke test",
         "data": {"source": "phantom", "subjects": 40, "seed": 3, "scale": 0.2},
         "format": "projection", "fields": FIELDS, "multi_field": True, "folds": 2,
+        "saliency": {"fields": ["22405", "22403"], "subjects": 60},
         "split_seed": 0,
         "training": {"arch": "resnet18", "input_size": [32, 32], "head": "regression",
                      "loss": "mse", "optimizer": "adam", "lr": 1e-3, "batch_size": 8,

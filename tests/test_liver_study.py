@@ -48,8 +48,9 @@ def liver_run(tmp_path_factory):
     prepare(cohort, runs / "tinyliver" / "data" / "prepared", formats=["fat_fraction_slices"],
             progress=False)
     for fold in range(study.folds):
-        train_fold(study, "22402", fold, runs / "tinyliver" / "train" / "22402" / f"fold_{fold}",
-                   runs_root=runs, progress=False)
+        fold_dir = runs / "tinyliver" / "train" / "22402" / f"fold_{fold}"
+        train_fold(study, "22402", fold, fold_dir, runs_root=runs, progress=False)
+        (fold_dir / "done.json").write_text("{}")  # finished, as the train stage marks it
     messages: list[str] = []
     run_dir = runs / "tinyliver" / "liver"
     metrics = run_liver_study(study, run_dir, runs_root=runs, progress=False,

@@ -93,3 +93,15 @@ def test_a_preset_without_data_says_how_to_start_a_study(capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "fields_csv" in err and "biometry study new mystudy --from scirep2020" in err
+
+
+def test_study_new_keeps_only_the_chosen_fields_in_per_field_blocks(tmp_path, monkeypatch):
+    """The demo preset aggregates saliency for 22405, 22403, 22402: a study of other fields
+    started from it has no saliency block (it would name fields the study does not train)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli(["study", "new", "a", "--from", "demo", "--fields-csv", "f.csv", "--prepared", "p",
+                "--fields", "21002", "31"]) == 0
+    assert "saliency" not in yaml.safe_load((tmp_path / "a.yaml").read_text())
+    assert cli(["study", "new", "b", "--from", "demo", "--fields-csv", "f.csv", "--prepared", "p",
+                "--fields", "21002", "22405"]) == 0
+    assert yaml.safe_load((tmp_path / "b.yaml").read_text())["saliency"]["fields"] == ["22405"]

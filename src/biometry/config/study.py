@@ -475,6 +475,17 @@ def new_study(name: str, preset: str, fields_csv: str | os.PathLike, prepared: s
                    "prepared": relative(prepared)}
     if fields:
         raw["fields"] = fieldcat.validate([str(f) for f in fields])
+        # the preset's per-field blocks keep only the chosen fields
+        if raw.get("saliency"):
+            kept = [k for k in raw["saliency"].get("fields", []) if k in raw["fields"]]
+            if kept:
+                raw["saliency"] = {**raw["saliency"], "fields": kept}
+            else:
+                raw.pop("saliency")
+        if raw.get("modules"):
+            modules = {m: [k for k in ks if k in raw["fields"]]
+                       for m, ks in raw["modules"].items()}
+            raw["modules"] = {m: ks for m, ks in modules.items() if ks}
     if folds is not None:
         raw["folds"] = int(folds)
         raw.pop("train_folds", None)
