@@ -67,7 +67,8 @@ class FieldExplorer:
         except (FileNotFoundError, ValueError) as exc:
             self.predictions = pd.DataFrame(columns=["eid", "fold", "field", "reference",
                                                      "prediction", "variance"])
-            self._no_predictions = f"study {self.study.name!r}: {exc}"
+            # the message names the runs and the command that makes them
+            self._no_predictions = f"no training runs to show: {exc}"
         else:
             self._no_predictions = None
         self._store = None
@@ -208,8 +209,7 @@ class FieldExplorer:
         """One line per stage whose output is missing for ``key`` (what to run to get it)."""
         out = []
         if self._no_predictions:
-            return [self._no_predictions + "; run `biometry run train --study "
-                    f"{self.study.name}` first"]
+            return [self._no_predictions]
         if not (self.folder / "evaluate" / str(key) / "metrics.json").is_file():
             out.append(f"no baseline yet: `03_evaluate_field` has not run for {key} "
                        "(metrics of the network only)")

@@ -558,6 +558,8 @@ def saliency_grid(panels: Mapping[str, tuple[np.ndarray, np.ndarray]], ncols: in
             ax.set_title(title)
         for ax in axes:
             ax.set_axis_off()
+    return fig
+
 
 # ---------------------------------------------------------------------------------------------
 # uncertainty (the uncertainty paper's style: calibration curves, sparsification, release vs CV)
