@@ -244,3 +244,16 @@ def test_saved_transforms_are_reused(tmp_path, subjects):
     (tmp_path / "2.ncc").write_text("0.5 0.6")
     with pytest.raises(ValueError, match="2.tfm: unreadable saved transform"):
         registration.load_transform(tmp_path / "2.tfm")
+
+
+def test_drawn_subjects_do_not_depend_on_the_store_row_order():
+    """Two stores with the same subjects in different row orders give the same saliency subjects
+    (two demo runs differed here before: the draw was by position in the store)."""
+    from biometry.analysis.saliency import candidate_subjects, pick_subjects
+
+    eids = [str(1000000 + 37 * i % 101) for i in range(40)]
+    folds = {e: i % 3 for i, e in enumerate(sorted(eids))}
+    models = {0: "m0", 1: "m1"}  # fold 2 has no trained network
+    a = pick_subjects(candidate_subjects(eids, folds, models), 10, seed=0)
+    b = pick_subjects(candidate_subjects(eids[::-1], folds, models), 10, seed=0)
+    assert a == b and len(a) == 10 and all(folds[e] in models for e in a)

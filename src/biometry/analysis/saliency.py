@@ -39,7 +39,7 @@ from torch import nn
 
 from biometry import fileio
 from biometry.analysis import registration
-from biometry.data.store import Store
+from biometry.data.store import Store, canonical_order
 from biometry.data.tables import references_from_fields_csv
 
 #: heads whose output columns :func:`output_column` knows
@@ -408,6 +408,13 @@ def write_outputs(out_dir: str | os.PathLike, sex: str, result: Mapping[str, obj
     return out_dir
 
 
+def candidate_subjects(store_eids: Sequence, folds: dict, models: dict) -> list[str]:
+    """The subjects with a trained network, in canonical eid order: the store's row order (the
+    order in which preparation workers finished) never changes which subjects are drawn."""
+    eids = [str(e) for e in store_eids]
+    return [eids[i] for i in canonical_order(eids) if folds.get(eids[i]) in models]
+
+
 def pick_subjects(eids: Sequence[str], n: int | None, seed: int = 0) -> list[str]:
     """``n`` of ``eids`` in a seeded random order (all of them when ``n`` is None or larger)."""
     eids = [str(e) for e in eids]
@@ -446,7 +453,7 @@ def study_field_saliency(store: Store, fmt: str, fields_csv: str | os.PathLike,
         if sex not in SEXES:
             raise ValueError(f"unknown sex {sex!r}; use {', '.join(SEXES)}")
     folds = read_splits(splits_csv)
-    eids = [str(e) for e in store.eids if folds.get(str(e)) in models]
+    eids = candidate_subjects(store.eids, folds, models)
     by_sex = subjects_by_sex(fields_csv, eids)
     out_dir = Path(out_dir)
     metrics: dict[str, object] = {"layer": layer, "column": int(column), "signs": signs,
