@@ -377,6 +377,19 @@ def _message(exc: BaseException) -> str:
     return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
+def _guarded(prog: str, work) -> int:
+    """``work()``'s exit status; failed runs give 1, a stage that cannot start gives one line
+    and 2."""
+    try:
+        return int(work() or 0)
+    except RunsFailed as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except _ERRORS as exc:
+        print(f"{prog}: error: {_message(exc)}", file=sys.stderr)
+        return 2
+
+
 def _common_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--study", required=True, help="preset name or path to a study YAML")
     ap.add_argument("--workers", type=int, default=1, help="parallel training runs on a local "
@@ -405,16 +418,13 @@ def run_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fields", nargs="*", help="field keys (default: all of the study)")
     ap.add_argument("--folds", nargs="*", type=int, help="fold indices (train; default: all)")
     a = ap.parse_args(argv)
-    try:
+
+    def work() -> int:
         results = run_stage(a.study, a.stage, a.runs_root, a.data_dir, a.workers, a.fields,
                             a.folds, a.scheduler, a.force, a.redo_changed, a.figures_root)
-    except RunsFailed as exc:
-        print(f"biometry run: {exc}", file=sys.stderr)
-        return 1
-    except _ERRORS as exc:
-        print(f"biometry run: error: {_message(exc)}", file=sys.stderr)
-        return 2
-    return 1 if results and report(results) else 0
+        return 1 if results and report(results) else 0
+
+    return _guarded("biometry run", work)
 
 
 def study_main(argv: list[str] | None = None) -> int:
@@ -441,26 +451,23 @@ def study_main(argv: list[str] | None = None) -> int:
                          + _DEFAULTS_HELP)
     _common_arguments(run)
     run.add_argument("--stages", nargs="*", choices=[s.name for s in PIPELINE],
-                     help="only these stages (default: all, in order)")
+                     help="only these stages (default: those that apply to the study, in order)")
     a = ap.parse_args(argv)
-    prog = f"biometry study {a.action}"
-    try:
-        if a.action == "new":
-            path = new_study(a.name, a.preset, a.fields_csv, a.prepared, out_dir=a.out,
-                             fields=a.fields, iterations=a.iterations, folds=a.folds,
-                             overwrite=a.overwrite)
-            shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else path
-            print(f"wrote {shown}\nnext: biometry study run --study {shown}")
-            return 0
+
+    def new() -> int:
+        path = new_study(a.name, a.preset, a.fields_csv, a.prepared, out_dir=a.out,
+                         fields=a.fields, iterations=a.iterations, folds=a.folds,
+                         overwrite=a.overwrite)
+        shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else path
+        print(f"wrote {shown}\nnext: biometry study run --study {shown}")
+        return 0
+
+    def run() -> int:
         run_study(a.study, a.runs_root, a.data_dir, a.workers, a.stages, a.scheduler, a.force,
                   a.redo_changed, a.figures_root)
-    except RunsFailed as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
-    except _ERRORS as exc:
-        print(f"{prog}: error: {_message(exc)}", file=sys.stderr)
-        return 2
-    study = resolve_study(a.study)
-    root = Path(a.runs_root) if a.runs_root else default_runs_root(study)
-    print(f"[{study.name}] runs in {root / study.name}")
-    return 0
+        study = resolve_study(a.study)
+        root = Path(a.runs_root) if a.runs_root else default_runs_root(study)
+        print(f"[{study.name}] runs in {root / study.name}")
+        return 0
+
+    return _guarded(f"biometry study {a.action}", new if a.action == "new" else run)
