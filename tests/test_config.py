@@ -99,3 +99,19 @@ def test_label_counts_and_store_format_checks():
         demo.check_format(["mimir"])
     assert demo.train_config(seed=3).seed == 3
     assert demo.to_dict()["fields"] == list(demo.fields)
+
+
+def test_saliency_block_names_its_gradcam_layer(tmp_path):
+    """The demo aggregates at layer3 (4 x 4 at its 64 px input); a study may name another ResNet
+    layer, and an unknown one is refused with the allowed names."""
+    demo = load_study("demo")
+    assert demo.saliency["layer"] == "layer3"
+    text = config.STUDIES_DIR.joinpath("demo.yaml").read_text()
+    start = text.index("saliency: {")
+    line = text[start:text.index("\n", start)]
+    plain = line.replace(', layer: layer3', '')
+    assert load_study(_write_text(tmp_path / "a.yaml", text.replace(line, plain))).saliency[
+        "layer"] == "layer4"
+    bad = line.replace("layer3", "layer9")
+    with pytest.raises(StudyError, match="saliency.layer 'layer9' is not one of layer4, layer3"):
+        load_study(_write_text(tmp_path / "b.yaml", text.replace(line, bad)))

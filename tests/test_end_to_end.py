@@ -37,7 +37,7 @@ def tiny_study(tmp_path_factory):
         "name": "tiny", "description": "end-to-end smoke test",
         "data": {"source": "phantom", "subjects": 40, "seed": 3, "scale": 0.2},
         "format": "projection", "fields": FIELDS, "multi_field": True, "folds": 2,
-        "saliency": {"fields": ["22405", "22403"], "subjects": 60},
+        "saliency": {"fields": ["22405", "22403"], "subjects": 60, "layer": "layer2"},
         "split_seed": 0,
         "training": {"arch": "resnet18", "input_size": [32, 32], "head": "regression",
                      "loss": "mse", "optimizer": "adam", "lr": 1e-3, "batch_size": 8,
@@ -87,7 +87,10 @@ def test_saliency_outputs_follow_the_contract(tiny_study):
     for key in ("22405", "22403"):  # the demo's saliency fields that the tiny study trains
         d = stage / key
         refs = json.loads((d / "reference.json").read_text())["per_sex"]
-        metrics = json.loads((d / "metrics.json").read_text())["per_sex"]
+        everything = json.loads((d / "metrics.json").read_text())
+        metrics = everything["per_sex"]
+        # the study's layer reached the notebook: layer2 of a 32 px input is a 4 x 4 grid
+        assert everything["layer"] == "layer2" and everything["layer_grid"] == [4, 4]
         assert (d / "saliency.png").is_file()
         for sex in ("female", "male"):
             agg = np.load(d / f"aggregate_{sex}.npy")

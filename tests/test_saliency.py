@@ -257,3 +257,20 @@ def test_drawn_subjects_do_not_depend_on_the_store_row_order():
     a = pick_subjects(candidate_subjects(eids, folds, models), 10, seed=0)
     b = pick_subjects(candidate_subjects(eids[::-1], folds, models), 10, seed=0)
     assert a == b and len(a) == 10 and all(folds[e] in models for e in a)
+
+
+def test_layer_grid_is_the_gradcam_resolution_of_the_network_input():
+    """At the demo's 64 px a ResNet's layer4 is 2 x 2 (too coarse for left/right: the stage warns),
+    layer3 4 x 4; the grid follows the network's input size, not the stored image's."""
+    torchvision = pytest.importorskip("torchvision")
+    net = torchvision.models.resnet18(num_classes=2)
+    net.conv1 = nn.Conv2d(2, 64, 7, 2, 3, bias=False)
+
+    def pre(size):
+        return lambda t: saliency.default_preprocess(t, size)
+    assert saliency.layer_grid(net, "layer4", (2, 256, 256), pre((64, 64))) == (2, 2)
+    assert saliency.layer_grid(net, "layer3", (2, 256, 256), pre((64, 64))) == (4, 4)
+    assert saliency.layer_grid(net, "layer4", (2, 256, 256), pre((128, 64))) == (4, 2)
+    assert min(saliency.layer_grid(net, "layer4", (2, 256, 256), pre((64, 64)))) < saliency.MIN_GRID
+    with pytest.raises(ValueError, match="no layer 'layer9'"):
+        saliency.layer_grid(net, "layer9", (2, 64, 64))

@@ -115,6 +115,34 @@ def _layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
     return modules[layer]
 
 
+def layer_grid(model: nn.Module, layer: str | nn.Module, image_shape: Sequence[int],
+               preprocess: Callable | None = None) -> tuple[int, int]:
+    """(h, w) of ``layer``'s output for one stored image of shape (C, H, W): the Grad-CAM grid.
+
+    A ResNet's ``layer4`` is 1/32 of the network's input, so 2 x 2 at the demo's 64 px: each
+    Grad-CAM cell then spans half the image, and bilinear upsampling of the coarse map shifts
+    saliency towards the cell of the strongest evidence (docs/saliency.md, "The Grad-CAM grid").
+    """
+    shape: list[tuple[int, int]] = []
+    hook = _layer(model, layer).register_forward_hook(
+        lambda _m, _i, out: shape.append(tuple(out.shape[-2:])))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = torch.zeros((1, *image_shape), dtype=torch.float32)
+            model(preprocess(x) if preprocess is not None else default_preprocess(x))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return int(shape[0][0]), int(shape[0][1])
+
+
+#: a Grad-CAM grid narrower than this cannot put the two thighs (or liver and spleen side) in
+#: different cells; the stage warns
+MIN_GRID = 4
+
+
 def guided_gradcam(model: nn.Module, images: np.ndarray, column: int, layer: str | nn.Module = "layer4",
                    sign: float = 1.0, preprocess: Callable | None = None,
                    batch_size: int = 16) -> np.ndarray:
@@ -456,8 +484,17 @@ def study_field_saliency(store: Store, fmt: str, fields_csv: str | os.PathLike,
     eids = candidate_subjects(store.eids, folds, models)
     by_sex = subjects_by_sex(fields_csv, eids)
     out_dir = Path(out_dir)
-    metrics: dict[str, object] = {"layer": layer, "column": int(column), "signs": signs,
-                                  "registration_channel": "water", "per_sex": {}}
+    first_model, first_pre = models[min(models)]
+    grid = layer_grid(first_model, layer, store.array(fmt).shape[1:], first_pre)
+    if min(grid) < MIN_GRID:
+        message = (f"{layer} is a {grid[0]} x {grid[1]} grid at this input size: each Grad-CAM cell "
+                   f"spans 1/{min(grid)} of the image, too coarse to tell left from right; use an "
+                   f"earlier layer or a larger input (docs/saliency.md)")
+        warnings.warn(message, stacklevel=2)
+        if progress:
+            progress(f"warning: {message}")
+    metrics: dict[str, object] = {"layer": layer, "layer_grid": list(grid), "column": int(column),
+                                  "signs": signs, "registration_channel": "water", "per_sex": {}}
     references: dict[str, object] = {"method": (
         "per sex, the subject whose water image (the stored 2D format, unregistered) has the "
         "highest normalised cross-correlation with the mean water image of all subjects of that "

@@ -327,16 +327,25 @@ def _modules(raw, keys, multi: bool, where: str) -> dict[str, tuple[str, ...]]:
     return out
 
 
+#: Grad-CAM layers of the torchvision ResNets a study's saliency block may name
+SALIENCY_LAYERS = ("layer4", "layer3", "layer2", "layer1")
+
+
 def _saliency_settings(raw: Any, keys: list[str], where: str) -> dict[str, Any] | None:
     if raw is None:
         return None
-    if not isinstance(raw, Mapping) or set(raw) - {"fields", "subjects"}:
-        raise StudyError(f"{where}: saliency must be {{fields: [...], subjects: N}}")
+    if not isinstance(raw, Mapping) or set(raw) - {"fields", "subjects", "layer"}:
+        raise StudyError(f"{where}: saliency must be {{fields: [...], subjects: N, layer: L}} "
+                         f"(layer optional, default layer4)")
     fields = [str(k) for k in raw.get("fields") or []]
     missing = [k for k in fields if k not in keys]
     if missing:
         raise StudyError(f"{where}: saliency.fields {', '.join(missing)} are not fields of the study")
-    return {"fields": fields, "subjects": int(raw.get("subjects", 200))}
+    layer = str(raw.get("layer", "layer4"))
+    if layer not in SALIENCY_LAYERS:
+        raise StudyError(f"{where}: saliency.layer {layer!r} is not one of "
+                         f"{', '.join(SALIENCY_LAYERS)}")
+    return {"fields": fields, "subjects": int(raw.get("subjects", 200)), "layer": layer}
 
 
 def _thigh_settings(raw: Any, where: str) -> dict[str, Any]:
