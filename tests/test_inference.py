@@ -16,6 +16,7 @@ from biometry.cli import main as cli_main
 from biometry.config.paths import notebooks_dir
 from biometry.config.study import load_study
 from biometry.config.training import TrainConfig
+from biometry.data.store import Store
 from biometry.inference import bundle as B
 from biometry.inference.engine import infer
 from biometry.inference.export import calibrate_module, export_module
@@ -95,6 +96,22 @@ def test_bundle_round_trip(bundle_dir, trained):
                                                meta["calibration"]["factors"][1]])
 
 
+def test_bundle_records_its_ensemble_rule_and_the_engine_applies_it(bundle_dir):
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    assert meta["ensemble"] == {"rule": "ambiguity", "members": 2}
+    b = B.load_bundle(bundle_dir)
+    assert b.ensemble_rule == "ambiguity"
+    images = np.random.default_rng(5).integers(0, 255, (6, 2, 256, 256), dtype=np.uint8)
+    m_k, v_k = B.predict_members(b, images)
+    np.testing.assert_allclose(v_k, B.forward(b, images)[1] * b.calibration)
+    mu, var = B.predict_calibrated(b, images)
+    spread = ((m_k - m_k.mean(axis=0)) ** 2).mean(axis=0)
+    np.testing.assert_allclose(mu, m_k.mean(axis=0))
+    np.testing.assert_allclose(var, np.maximum(v_k.mean(axis=0) - spread, v_k.mean(axis=0) / 2))
+    _mu, mix = B.predict_calibrated(b, images, rule="mixture")
+    np.testing.assert_allclose(mix, v_k.mean(axis=0) + spread)
+
+
 def _copy(bundle_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(bundle_dir, tmp_path / "copy"))
 
@@ -160,8 +177,10 @@ def test_input_folder_with_nothing_usable(bundle_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_engine_end_to_end_with_a_corrupt_zip(bundle_dir, release, tmp_path, capsys):
     out = tmp_path / "out" / "predictions.csv"
+    # two preparation workers (a Dask cluster): the corrupt zip fails in one of them
     rc = cli_main(["infer", "--model", str(bundle_dir), "--input", str(release / "zip"),
-                   "--out", str(out), "--no-progress", "--cache", str(tmp_path / "cache")])
+                   "--out", str(out), "--no-progress", "--cache", str(tmp_path / "cache"),
+                   "--workers", "2"])
     assert rc == 1
     summary = capsys.readouterr().err.strip().splitlines()[-1]
     assert summary.startswith("infer: 3 subjects, 2 predicted, 1 failed")
@@ -177,6 +196,12 @@ def test_engine_end_to_end_with_a_corrupt_zip(bundle_dir, release, tmp_path, cap
         assert ((lo < pred[f"{key}_mean"]) & (pred[f"{key}_mean"] < hi)).all()
     side = json.loads(out.with_suffix(".json").read_text())
     assert {f["key"]: f["unit"] for f in side["fields"]} == {"22407": "L", "21002": "kg"}
+    assert side["workers"] == 2 and side["models"][0]["ensemble_rule"] == "ambiguity"
+    assert {f["ensemble_rule"] for f in side["fields"]} == {"ambiguity"}
+    # the cache the two workers filled holds each subject once: two prepared, one failed
+    (store_dir,) = (tmp_path / "cache").glob("projection-*")
+    store = Store.open(store_dir)
+    assert sorted(store.eids) == sorted(pred["eid"]) and store.failed()["eid"].tolist() == [bad]
     # a second run prepares nothing: every subject (the failed one too) comes from the cache
     res = infer([bundle_dir], release / "zip", tmp_path / "again.csv", cache=tmp_path / "cache",
                 progress=False)

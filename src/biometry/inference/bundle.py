@@ -45,7 +45,7 @@ from torch import nn
 from biometry import __version__, fileio
 from biometry.config import fields as field_catalogue
 from biometry.config.formats import FORMAT_SPECS
-from biometry.inference.uncertainty import ensemble
+from biometry.inference.uncertainty import DEFAULT_ENSEMBLE_RULE, ENSEMBLE_RULES, ensemble
 from biometry.learn.devices import resolve_device
 from biometry.learn.models import build_model
 
@@ -87,6 +87,8 @@ class Bundle:
     input_size : the (H, W) the images are resized to, or None.
     pixel_scale : uint8 values are multiplied by it (1/255 for ours, 1 for the original).
     original : whether this is an original MIMIR module.
+    ensemble_rule : how several members are combined (``bundle.json``'s ``ensemble.rule``;
+        :func:`biometry.inference.uncertainty.ensemble`).
     """
 
     path: Path
@@ -103,6 +105,7 @@ class Bundle:
     pixel_scale: float
     original: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    ensemble_rule: str = DEFAULT_ENSEMBLE_RULE
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -203,7 +206,9 @@ def _load_biometry(root: Path) -> Bundle:
             divisors=np.asarray([float(f.get("divisor", 1.0)) for f in fields]),
             calibration=calibration, input_format=str(inp["format"]),
             input_size=tuple(int(s) for s in size) if size else None,
-            pixel_scale=float(inp.get("pixel_scale", 1 / 255)))
+            pixel_scale=float(inp.get("pixel_scale", 1 / 255)),
+            # bundles written before the rule was recorded: their members are calibrated too
+            ensemble_rule=str((meta.get("ensemble") or {}).get("rule", DEFAULT_ENSEMBLE_RULE)))
     except KeyError as exc:
         raise BundleError(f"{root}: {BUNDLE_JSON} lacks {exc.args[0]!r}") from None
     _check_shapes(bundle)
@@ -220,6 +225,9 @@ def _check_shapes(b: Bundle) -> None:
     for m in b.members:
         if m.mean.shape != (t,) or m.std.shape != (t,):
             raise BundleError(f"{b.path}: standardisation has {m.mean.shape} values for {t} fields")
+    if b.ensemble_rule not in ENSEMBLE_RULES:
+        raise BundleError(f"{b.path}: unknown ensemble rule {b.ensemble_rule!r} (this biometry "
+                          f"knows {', '.join(ENSEMBLE_RULES)})")
     if b.input_format not in FORMAT_SPECS:
         raise BundleError(f"{b.path}: unknown input format {b.input_format!r}")
 
@@ -332,15 +340,22 @@ def forward(bundle: Bundle, images: np.ndarray, batch_size: int = 32, device: st
     return means, variances
 
 
-def predict_calibrated(bundle: Bundle, images: np.ndarray, **kwargs
+def predict_members(bundle: Bundle, images: np.ndarray, **kwargs
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Every member's mean and calibrated variance, (K, N, T) in the fields' units: each
+    member's variance times the field's calibration factor (``kwargs``: :func:`forward`)."""
+    means, variances = forward(bundle, images, **kwargs)
+    return means, variances * bundle.calibration
+
+
+def predict_calibrated(bundle: Bundle, images: np.ndarray, rule: str | None = None, **kwargs
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated mean and variance (N, T) in the fields' units.
 
-    Each member's variance is multiplied by the field's calibration factor; several members are
-    combined as a mixture (:func:`biometry.inference.uncertainty.ensemble`).
+    The calibrated members (:func:`predict_members`) are combined by ``rule`` (default the
+    bundle's, :attr:`Bundle.ensemble_rule`; :func:`biometry.inference.uncertainty.ensemble`).
     """
-    means, variances = forward(bundle, images, **kwargs)
-    return ensemble(means, variances * bundle.calibration)
+    return ensemble(*predict_members(bundle, images, **kwargs), rule or bundle.ensemble_rule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,14 +365,18 @@ def predict_calibrated(bundle: Bundle, images: np.ndarray, **kwargs
 def write_bundle(out_dir: str | os.PathLike, *, name: str, network: dict[str, Any],
                  input_spec: dict[str, Any], field_keys: Sequence[str],
                  members: Sequence[tuple[dict[str, torch.Tensor], Sequence[float], Sequence[float]]],
-                 calibration: Sequence[float], card: str, extra: dict[str, Any] | None = None
-                 ) -> Path:
+                 calibration: Sequence[float], card: str, extra: dict[str, Any] | None = None,
+                 ensemble_rule: str = DEFAULT_ENSEMBLE_RULE) -> Path:
     """Write a bundle folder (``out_dir`` must be missing or empty).
 
-    ``members``: per network, ``(state_dict, mean, std)``; ``calibration``: per-field factors.
+    ``members``: per network, ``(state_dict, mean, std)``; ``calibration``: per-field factors;
+    ``ensemble_rule``: how the engine combines several members (recorded in ``bundle.json``).
     Every file is written atomically; ``bundle.json`` (with the checksums) comes last, so a
     bundle interrupted while writing does not load.
     """
+    if ensemble_rule not in ENSEMBLE_RULES:
+        raise ValueError(f"unknown ensemble rule {ensemble_rule!r}; use one of "
+                         f"{', '.join(ENSEMBLE_RULES)}")
     root = Path(out_dir)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(f"{root}: exists and is not an empty folder")
@@ -384,6 +403,7 @@ def write_bundle(out_dir: str | os.PathLike, *, name: str, network: dict[str, An
             "calibration": {"method": "variance scaling, closed-form NLL minimiser on the "
                                       "out-of-fold predictions",
                             "factors": [float(c) for c in calibration]},
+            "ensemble": {"rule": ensemble_rule, "members": len(member_meta)},
             "files": files, **(extra or {})}
     fileio.write_json(root / BUNDLE_JSON, meta)
     return root
