@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from biometry.cli import main as cli_main
 from biometry.config.paths import notebooks_dir
@@ -24,6 +25,7 @@ from biometry.learn.models import build_model
 from biometry.learn.trainer import train
 from biometry.phantom import generate_cohort
 from biometry.runs.notebook import execute_notebook
+from biometry.runs.runner import RunSpec, run_dir_for
 
 KEYS = ["22407", "21002"]  # VAT (L), weight (kg)
 
@@ -240,25 +242,53 @@ def test_original_mimir_module_loads_and_applies_its_divisor(tmp_path):
         B.load_bundle(d)
 
 
-@pytest.mark.slow
-def test_notebooks_calibrate_and_later_release(trained, bundle_dir, release, tmp_path):
-    """08_calibrate on a module's folds and 09_later_release on a (partly corrupt) release."""
+def _study_with_a_release(tmp_path: Path, trained: Path) -> tuple[Path, Path]:
+    """A phantom study of the two KEYS with a `release:` block, its cohort and trained folds."""
+    raw = yaml.safe_load(load_study("demo").path.read_text())
+    raw.update(name="reltest", fields=KEYS, folds=2, saliency=None,
+               data={"source": "phantom", "subjects": 4, "seed": 4, "scale": 0.2},
+               release={"subjects": 3, "seed": 1})
+    path = tmp_path / "reltest.yaml"
+    path.write_text(yaml.safe_dump(raw))
     runs_root = tmp_path / "runs"
-    shutil.copytree(trained, runs_root / "demo" / "train" / "all")
+    shutil.copytree(trained, runs_root / "reltest" / "train" / "all")
+    generate_cohort(runs_root / "reltest" / "data" / "cohort", 4, 4, scale=0.2, progress=False)
+    return path, runs_root
+
+
+@pytest.mark.slow
+def test_notebooks_calibrate_and_the_release_stage(trained, tmp_path):
+    """08_calibrate on a module's folds; 09_later_release (the release stage) synthesises the
+    phantom's next release and judges it; fig_later_release draws it."""
+    study, runs_root = _study_with_a_release(tmp_path, trained)
     cal = tmp_path / "cal"
     execute_notebook(notebooks_dir() / "08_calibrate.ipynb", cal / "08.ipynb",
-                     {"study": "demo", "module": "all", "run_dir": str(cal),
+                     {"study": str(study), "module": "all", "run_dir": str(cal),
                       "runs_root": str(runs_root)})
     assert set(json.loads((cal / "calibration.json").read_text())["factors"]) == set(KEYS)
     assert (cal / "calibration_curves.png").is_file() and (cal / "sparsification.pdf").is_file()
-    rel = tmp_path / "rel"
+    rel = run_dir_for(RunSpec("reltest", "release"), runs_root)
     execute_notebook(notebooks_dir() / "09_later_release.ipynb", rel / "09.ipynb",
-                     {"bundle": str(bundle_dir), "release_dir": str(release), "run_dir": str(rel),
-                      "min_references": 1})
+                     {"study": str(study), "runs_root": str(runs_root), "run_dir": str(rel),
+                      "workers": 1, "min_references": 1})
+    metrics = json.loads((rel / "metrics.json").read_text())
+    assert metrics["n_subjects"] == metrics["n_predicted"] == 3 and metrics["rule"] == ["ambiguity"]
+    release = runs_root / "reltest" / "data" / "release"
+    pred = pd.read_csv(rel / "predictions.csv", dtype={"eid": str})
+    cohort = pd.read_csv(runs_root / "reltest" / "data" / "cohort" / "fields.csv", dtype={"eid": str})
+    assert len(pred) == 3 and not set(pred["eid"]) & set(cohort["eid"])  # new subjects
     table = pd.read_csv(rel / "release_metrics.csv", dtype={"field": str}).set_index("field")
     assert list(table.index) == KEYS
-    refs = pd.read_csv(release / "fields.csv", dtype={"eid": str})
-    pred = pd.read_csv(rel / "predictions.csv", dtype={"eid": str})
-    have = refs.set_index("eid").loc[pred["eid"], "21002-2.0"].notna().sum()
-    assert table.loc["21002", "n"] == have
+    refs = pd.read_csv(release / "fields.csv", dtype={"eid": str}).set_index("eid")
+    y = refs.loc[pred["eid"], "21002-2.0"].to_numpy()
+    inside = (pred["21002_lo95"] <= y) & (y <= pred["21002_hi95"])
+    assert table.loc["21002", "n"] == np.isfinite(y).sum() == 3
+    # the engine's intervals (the bundle's rule) are the ones the table judges
+    assert table.loc["21002", "coverage95_ambiguity"] == pytest.approx(inside.mean())
+    members = pd.read_csv(rel / "release_members.csv", dtype={"field": str})
+    assert members[members["field"] == "21002"]["fold"].tolist() == [0, 1]
+    fig_out = tmp_path / "figs"
+    execute_notebook(notebooks_dir() / "fig_later_release.ipynb", tmp_path / "fig.ipynb",
+                     {"study": str(study), "runs_root": str(runs_root), "out_dir": str(fig_out)})
+    assert (fig_out / "fig_later_release.png").stat().st_size > 10_000
     assert (rel / "release_vs_cv.png").is_file() and (rel / "release_calibration.png").is_file()

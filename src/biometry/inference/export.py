@@ -99,13 +99,14 @@ def cv_metrics(table: pd.DataFrame, scales: dict[str, float]) -> dict[str, dict[
     return out
 
 
-def per_fold_metrics(folder: str | Path) -> dict[str, list[float]]:
-    """Per field, each fold's R² (the spread a later release is compared with)."""
+def per_fold_metrics(folder: str | Path, metric: str = "r2") -> dict[str, list[float]]:
+    """Per field, each fold's ``metric`` (``r2``, ``mae``) in fold order: the spread a later
+    release is compared with."""
     out: dict[str, list[float]] = {}
     for d in fold_runs(folder).values():
         m = json.loads((d / "metrics.json").read_text())
         for key, v in m.get("per_field", {}).items():
-            out.setdefault(key, []).append(float(v.get("r2", float("nan"))))
+            out.setdefault(key, []).append(float(v.get(metric, float("nan"))))
     return out
 
 
@@ -183,7 +184,9 @@ def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path
                                    cfg),
                         extra={"study": study.name, "module": str(module),
                                "members_from_folds": sorted(chosen), "cv_metrics": metrics,
-                               "cv_fold_r2": per_fold_metrics(folder)})
+                               "cv_folds": sorted(runs),
+                               "cv_fold_r2": per_fold_metrics(folder, "r2"),
+                               "cv_fold_mae": per_fold_metrics(folder, "mae")})
 
 
 def main(argv: list[str]) -> int:
