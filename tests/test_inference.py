@@ -96,6 +96,13 @@ def test_bundle_round_trip(bundle_dir, trained):
     assert torch.equal(b.members[0].model.state_dict()["fc.weight"], raw["state_dict"]["fc.weight"])
     np.testing.assert_allclose(b.calibration, [meta["calibration"]["factors"][0],
                                                meta["calibration"]["factors"][1]])
+    # each member also carries the factors fitted on its own fold's out-of-fold predictions
+    for k in (0, 1):
+        own = pd.read_csv(trained / f"fold_{k}" / "predictions.csv", dtype={"field": str})
+        t = own[own["field"] == "21002"]
+        expected = np.mean((t["reference"] - t["prediction"]) ** 2 / t["variance"])
+        assert meta["members"][k]["calibration"][1] == pytest.approx(expected)
+        assert b.members[k].calibration[1] == pytest.approx(expected)
 
 
 def test_bundle_records_its_ensemble_rule_and_the_engine_applies_it(bundle_dir):
@@ -105,7 +112,8 @@ def test_bundle_records_its_ensemble_rule_and_the_engine_applies_it(bundle_dir):
     assert b.ensemble_rule == "ambiguity"
     images = np.random.default_rng(5).integers(0, 255, (6, 2, 256, 256), dtype=np.uint8)
     m_k, v_k = B.predict_members(b, images)
-    np.testing.assert_allclose(v_k, B.forward(b, images)[1] * b.calibration)
+    own = np.stack([m.calibration for m in b.members])[:, None, :]
+    np.testing.assert_allclose(v_k, B.forward(b, images)[1] * own)
     mu, var = B.predict_calibrated(b, images)
     spread = ((m_k - m_k.mean(axis=0)) ** 2).mean(axis=0)
     np.testing.assert_allclose(mu, m_k.mean(axis=0))

@@ -8,9 +8,10 @@ A biometry bundle (in the spirit of a MONAI bundle)::
 
 ``bundle.json`` holds ``bundle_format``, ``package_version``, the network (``arch``,
 ``in_channels``, ``head``), the input (``format``, ``shape``, ``dtype``, ``input_size``,
-``pixel_scale``), the fields (key, name, unit, divisor), the members (weights file and the target
-standardisation of each: every fold standardised on its own training subjects), the per-field
-variance ``calibration`` factors and the CV metrics.
+``pixel_scale``), the fields (key, name, unit, divisor), the members (weights file, the target
+standardisation of each: every fold standardised on its own training subjects, and its own
+variance factors: fitted on its own out-of-fold subjects), the per-field variance
+``calibration`` factors pooled over the folds, the ``ensemble`` rule and the CV metrics.
 
 Loading (:func:`load_bundle`) checks, each with one line naming the folder and the file: the
 bundle format, the package version (same major.minor), that every listed file exists and has its
@@ -63,11 +64,13 @@ class BundleError(ValueError):
 
 @dataclass
 class Member:
-    """One network of a bundle, with the standardisation of its targets (per field)."""
+    """One network of a bundle, with the standardisation of its targets (per field) and, when
+    the bundle has them, its own variance factors (fitted on its own out-of-fold subjects)."""
 
     model: nn.Module
     mean: np.ndarray
     std: np.ndarray
+    calibration: np.ndarray | None = None
 
 
 @dataclass
@@ -196,7 +199,9 @@ def _load_biometry(root: Path) -> Bundle:
                 raise BundleError(f"{root}: {m['weights']} does not fit a {net['arch']} with "
                                   f"{len(keys)} fields ({str(exc).splitlines()[0]})") from None
             model.eval()
-            members.append(Member(model, np.asarray(m["mean"], float), np.asarray(m["std"], float)))
+            own = m.get("calibration")
+            members.append(Member(model, np.asarray(m["mean"], float), np.asarray(m["std"], float),
+                                  None if own is None else np.asarray(own, dtype=np.float64)))
         calibration = np.asarray(meta["calibration"]["factors"], dtype=np.float64)
         size = inp.get("input_size")
         bundle = Bundle(
@@ -225,6 +230,11 @@ def _check_shapes(b: Bundle) -> None:
     for m in b.members:
         if m.mean.shape != (t,) or m.std.shape != (t,):
             raise BundleError(f"{b.path}: standardisation has {m.mean.shape} values for {t} fields")
+        own = m.calibration
+        if own is not None and (own.shape != (t,) or not np.all(np.isfinite(own))
+                                or np.any(own <= 0)):
+            raise BundleError(f"{b.path}: a member needs {t} positive calibration factors, got "
+                              f"{own.tolist()[:5]}")
     if b.ensemble_rule not in ENSEMBLE_RULES:
         raise BundleError(f"{b.path}: unknown ensemble rule {b.ensemble_rule!r} (this biometry "
                           f"knows {', '.join(ENSEMBLE_RULES)})")
@@ -340,12 +350,19 @@ def forward(bundle: Bundle, images: np.ndarray, batch_size: int = 32, device: st
     return means, variances
 
 
+def member_factors(bundle: Bundle) -> np.ndarray:
+    """(K, T) variance factors: each member's own (fitted on its own out-of-fold subjects) where
+    the bundle has them, else the field's factor pooled over the folds."""
+    return np.stack([bundle.calibration if m.calibration is None else m.calibration
+                     for m in bundle.members])
+
+
 def predict_members(bundle: Bundle, images: np.ndarray, **kwargs
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Every member's mean and calibrated variance, (K, N, T) in the fields' units: each
-    member's variance times the field's calibration factor (``kwargs``: :func:`forward`)."""
+    member's variance times its factors (:func:`member_factors`; ``kwargs``: :func:`forward`)."""
     means, variances = forward(bundle, images, **kwargs)
-    return means, variances * bundle.calibration
+    return means, variances * member_factors(bundle)[:, None, :]
 
 
 def predict_calibrated(bundle: Bundle, images: np.ndarray, rule: str | None = None, **kwargs
@@ -364,12 +381,14 @@ def predict_calibrated(bundle: Bundle, images: np.ndarray, rule: str | None = No
 
 def write_bundle(out_dir: str | os.PathLike, *, name: str, network: dict[str, Any],
                  input_spec: dict[str, Any], field_keys: Sequence[str],
-                 members: Sequence[tuple[dict[str, torch.Tensor], Sequence[float], Sequence[float]]],
+                 members: Sequence[tuple],
                  calibration: Sequence[float], card: str, extra: dict[str, Any] | None = None,
                  ensemble_rule: str = DEFAULT_ENSEMBLE_RULE) -> Path:
     """Write a bundle folder (``out_dir`` must be missing or empty).
 
-    ``members``: per network, ``(state_dict, mean, std)``; ``calibration``: per-field factors;
+    ``members``: per network, ``(state_dict, mean, std)`` or ``(state_dict, mean, std,
+    factors)`` with the member's own per-field variance factors; ``calibration``: per-field
+    factors pooled over the folds (used for a member without its own);
     ``ensemble_rule``: how the engine combines several members (recorded in ``bundle.json``).
     Every file is written atomically; ``bundle.json`` (with the checksums) comes last, so a
     bundle interrupted while writing does not load.
@@ -383,13 +402,15 @@ def write_bundle(out_dir: str | os.PathLike, *, name: str, network: dict[str, An
     (root / "weights").mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     member_meta = []
-    for k, (state, mean, std) in enumerate(members):
+    for k, (state, mean, std, *own) in enumerate(members):
         rel = f"weights/fold_{k}.pt"
         with fileio.atomic_path(root / rel) as tmp:
             torch.save({n: v.detach().cpu().contiguous() for n, v in state.items()}, tmp)
         files[rel] = sha256(root / rel)
         member_meta.append({"weights": rel, "mean": [float(v) for v in mean],
-                            "std": [float(v) for v in std]})
+                            "std": [float(v) for v in std],
+                            **({"calibration": [float(v) for v in own[0]]} if own and own[0]
+                               is not None else {})})
     fileio.write_text(root / MODEL_CARD, card)
     files[MODEL_CARD] = sha256(root / MODEL_CARD)
     fields_meta = []

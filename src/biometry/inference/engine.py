@@ -43,7 +43,13 @@ from biometry.data.prepare import (
 from biometry.data.store import Store
 from biometry.data.types import UKB_SPACING
 from biometry.errors import UsageError, run_guarded
-from biometry.inference.bundle import Bundle, BundleError, load_bundle, predict_members
+from biometry.inference.bundle import (
+    Bundle,
+    BundleError,
+    load_bundle,
+    member_factors,
+    predict_members,
+)
 from biometry.inference.uncertainty import ENSEMBLE_RULES, ensemble, interval
 
 _ZIP_RE = re.compile(r"^(\d+)_20201_(\d+)_(\d+)\.zip$")
@@ -234,6 +240,7 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
         if keep_members:
             member_parts.append(member_table(eids, str(b.path), b.field_keys, m_k, v_k))
         lo, hi = interval(mu, var, 0.95)
+        factors = member_factors(b)
         for j, key in enumerate(b.field_keys):
             columns[f"{key}_mean"] = mu[:, j]
             columns[f"{key}_var"] = var[:, j]
@@ -241,7 +248,8 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
             columns[f"{key}_hi95"] = hi[:, j]
             field_meta.append({"key": key, "name": b.field_names[j], "unit": b.units[j],
                                "model": str(b.path), "calibration_factor": float(b.calibration[j]),
-                               "members": len(b.members), "ensemble_rule": rule})
+                               "members": len(b.members), "ensemble_rule": rule,
+                               "member_calibration_factors": factors[:, j].tolist()})
     bar.close()
     t_net = time.perf_counter() - t1
     table = pd.DataFrame(columns)
