@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from biometry.config import study as config
-from biometry.config.study import StudyError, load_study
+from biometry.config.study import StudyError, load_study, new_study
 
 PRESETS = ["demo", "liver2020", "mimir2021", "scirep2020", "thigh2024"]
 
@@ -99,6 +99,23 @@ def test_label_counts_and_store_format_checks():
         demo.check_format(["mimir"])
     assert demo.train_config(seed=3).seed == 3
     assert demo.to_dict()["fields"] == list(demo.fields)
+
+
+def test_release_block(tmp_path):
+    assert load_study("demo").release == {"subjects": 400, "seed": 1}
+    with pytest.raises(StudyError, match=r"release must be \{subjects: N, seed: S\} for phantom "
+                                         r"data$"):
+        load_study(_write(tmp_path, release={"subjects": 10}))
+    with pytest.raises(StudyError, match="release.subjects must be a positive and release.seed a "
+                                         "non-negative integer, got 0 and 1"):
+        load_study(_write(tmp_path, release={"subjects": 0, "seed": 1}))
+    real = _write(tmp_path, data={"source": "ukb", "fields_csv": "f.csv", "prepared": "p"},
+                  release={"input": "zips", "fields_csv": "release.csv"})
+    assert load_study(real).release == {"input": "zips", "fields_csv": "release.csv"}
+    # a study of one's own from the demo keeps no phantom release (it names its own)
+    mine = new_study("mine", "demo", tmp_path / "fields.csv", tmp_path / "prepared", out_dir=tmp_path)
+    assert load_study(mine).release is None
+
 
 
 def test_saliency_block_names_its_gradcam_layer(tmp_path):

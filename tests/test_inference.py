@@ -11,11 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from biometry.cli import main as cli_main
 from biometry.config.paths import notebooks_dir
 from biometry.config.study import load_study
 from biometry.config.training import TrainConfig
+from biometry.data.store import Store
 from biometry.inference import bundle as B
 from biometry.inference.engine import infer
 from biometry.inference.export import calibrate_module, export_module
@@ -23,6 +25,7 @@ from biometry.learn.models import build_model
 from biometry.learn.trainer import train
 from biometry.phantom import generate_cohort
 from biometry.runs.notebook import execute_notebook
+from biometry.runs.runner import RunSpec, run_dir_for
 
 KEYS = ["22407", "21002"]  # VAT (L), weight (kg)
 
@@ -93,6 +96,30 @@ def test_bundle_round_trip(bundle_dir, trained):
     assert torch.equal(b.members[0].model.state_dict()["fc.weight"], raw["state_dict"]["fc.weight"])
     np.testing.assert_allclose(b.calibration, [meta["calibration"]["factors"][0],
                                                meta["calibration"]["factors"][1]])
+    # each member also carries the factors fitted on its own fold's out-of-fold predictions
+    for k in (0, 1):
+        own = pd.read_csv(trained / f"fold_{k}" / "predictions.csv", dtype={"field": str})
+        t = own[own["field"] == "21002"]
+        expected = np.mean((t["reference"] - t["prediction"]) ** 2 / t["variance"])
+        assert meta["members"][k]["calibration"][1] == pytest.approx(expected)
+        assert b.members[k].calibration[1] == pytest.approx(expected)
+
+
+def test_bundle_records_its_ensemble_rule_and_the_engine_applies_it(bundle_dir):
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    assert meta["ensemble"] == {"rule": "ambiguity", "members": 2}
+    b = B.load_bundle(bundle_dir)
+    assert b.ensemble_rule == "ambiguity"
+    images = np.random.default_rng(5).integers(0, 255, (6, 2, 256, 256), dtype=np.uint8)
+    m_k, v_k = B.predict_members(b, images)
+    own = np.stack([m.calibration for m in b.members])[:, None, :]
+    np.testing.assert_allclose(v_k, B.forward(b, images)[1] * own)
+    mu, var = B.predict_calibrated(b, images)
+    spread = ((m_k - m_k.mean(axis=0)) ** 2).mean(axis=0)
+    np.testing.assert_allclose(mu, m_k.mean(axis=0))
+    np.testing.assert_allclose(var, np.maximum(v_k.mean(axis=0) - spread, v_k.mean(axis=0) / 2))
+    _mu, mix = B.predict_calibrated(b, images, rule="mixture")
+    np.testing.assert_allclose(mix, v_k.mean(axis=0) + spread)
 
 
 def _copy(bundle_dir: Path, tmp_path: Path) -> Path:
@@ -160,8 +187,10 @@ def test_input_folder_with_nothing_usable(bundle_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_engine_end_to_end_with_a_corrupt_zip(bundle_dir, release, tmp_path, capsys):
     out = tmp_path / "out" / "predictions.csv"
+    # two preparation workers (a Dask cluster): the corrupt zip fails in one of them
     rc = cli_main(["infer", "--model", str(bundle_dir), "--input", str(release / "zip"),
-                   "--out", str(out), "--no-progress", "--cache", str(tmp_path / "cache")])
+                   "--out", str(out), "--no-progress", "--cache", str(tmp_path / "cache"),
+                   "--workers", "2"])
     assert rc == 1
     summary = capsys.readouterr().err.strip().splitlines()[-1]
     assert summary.startswith("infer: 3 subjects, 2 predicted, 1 failed")
@@ -177,6 +206,12 @@ def test_engine_end_to_end_with_a_corrupt_zip(bundle_dir, release, tmp_path, cap
         assert ((lo < pred[f"{key}_mean"]) & (pred[f"{key}_mean"] < hi)).all()
     side = json.loads(out.with_suffix(".json").read_text())
     assert {f["key"]: f["unit"] for f in side["fields"]} == {"22407": "L", "21002": "kg"}
+    assert side["workers"] == 2 and side["models"][0]["ensemble_rule"] == "ambiguity"
+    assert {f["ensemble_rule"] for f in side["fields"]} == {"ambiguity"}
+    # the cache the two workers filled holds each subject once: two prepared, one failed
+    (store_dir,) = (tmp_path / "cache").glob("projection-*")
+    store = Store.open(store_dir)
+    assert sorted(store.eids) == sorted(pred["eid"]) and store.failed()["eid"].tolist() == [bad]
     # a second run prepares nothing: every subject (the failed one too) comes from the cache
     res = infer([bundle_dir], release / "zip", tmp_path / "again.csv", cache=tmp_path / "cache",
                 progress=False)
@@ -215,25 +250,53 @@ def test_original_mimir_module_loads_and_applies_its_divisor(tmp_path):
         B.load_bundle(d)
 
 
-@pytest.mark.slow
-def test_notebooks_calibrate_and_later_release(trained, bundle_dir, release, tmp_path):
-    """08_calibrate on a module's folds and 09_later_release on a (partly corrupt) release."""
+def _study_with_a_release(tmp_path: Path, trained: Path) -> tuple[Path, Path]:
+    """A phantom study of the two KEYS with a `release:` block, its cohort and trained folds."""
+    raw = yaml.safe_load(load_study("demo").path.read_text())
+    raw.update(name="reltest", fields=KEYS, folds=2, saliency=None,
+               data={"source": "phantom", "subjects": 4, "seed": 4, "scale": 0.2},
+               release={"subjects": 3, "seed": 1})
+    path = tmp_path / "reltest.yaml"
+    path.write_text(yaml.safe_dump(raw))
     runs_root = tmp_path / "runs"
-    shutil.copytree(trained, runs_root / "demo" / "train" / "all")
+    shutil.copytree(trained, runs_root / "reltest" / "train" / "all")
+    generate_cohort(runs_root / "reltest" / "data" / "cohort", 4, 4, scale=0.2, progress=False)
+    return path, runs_root
+
+
+@pytest.mark.slow
+def test_notebooks_calibrate_and_the_release_stage(trained, tmp_path):
+    """08_calibrate on a module's folds; 09_later_release (the release stage) synthesises the
+    phantom's next release and judges it; fig_later_release draws it."""
+    study, runs_root = _study_with_a_release(tmp_path, trained)
     cal = tmp_path / "cal"
     execute_notebook(notebooks_dir() / "08_calibrate.ipynb", cal / "08.ipynb",
-                     {"study": "demo", "module": "all", "run_dir": str(cal),
+                     {"study": str(study), "module": "all", "run_dir": str(cal),
                       "runs_root": str(runs_root)})
     assert set(json.loads((cal / "calibration.json").read_text())["factors"]) == set(KEYS)
     assert (cal / "calibration_curves.png").is_file() and (cal / "sparsification.pdf").is_file()
-    rel = tmp_path / "rel"
+    rel = run_dir_for(RunSpec("reltest", "release"), runs_root)
     execute_notebook(notebooks_dir() / "09_later_release.ipynb", rel / "09.ipynb",
-                     {"bundle": str(bundle_dir), "release_dir": str(release), "run_dir": str(rel),
-                      "min_references": 1})
+                     {"study": str(study), "runs_root": str(runs_root), "run_dir": str(rel),
+                      "workers": 1, "min_references": 1})
+    metrics = json.loads((rel / "metrics.json").read_text())
+    assert metrics["n_subjects"] == metrics["n_predicted"] == 3 and metrics["rule"] == ["ambiguity"]
+    release = runs_root / "reltest" / "data" / "release"
+    pred = pd.read_csv(rel / "predictions.csv", dtype={"eid": str})
+    cohort = pd.read_csv(runs_root / "reltest" / "data" / "cohort" / "fields.csv", dtype={"eid": str})
+    assert len(pred) == 3 and not set(pred["eid"]) & set(cohort["eid"])  # new subjects
     table = pd.read_csv(rel / "release_metrics.csv", dtype={"field": str}).set_index("field")
     assert list(table.index) == KEYS
-    refs = pd.read_csv(release / "fields.csv", dtype={"eid": str})
-    pred = pd.read_csv(rel / "predictions.csv", dtype={"eid": str})
-    have = refs.set_index("eid").loc[pred["eid"], "21002-2.0"].notna().sum()
-    assert table.loc["21002", "n"] == have
+    refs = pd.read_csv(release / "fields.csv", dtype={"eid": str}).set_index("eid")
+    y = refs.loc[pred["eid"], "21002-2.0"].to_numpy()
+    inside = (pred["21002_lo95"] <= y) & (y <= pred["21002_hi95"])
+    assert table.loc["21002", "n"] == np.isfinite(y).sum() == 3
+    # the engine's intervals (the bundle's rule) are the ones the table judges
+    assert table.loc["21002", "coverage95_ambiguity"] == pytest.approx(inside.mean())
+    members = pd.read_csv(rel / "release_members.csv", dtype={"field": str})
+    assert members[members["field"] == "21002"]["fold"].tolist() == [0, 1]
+    fig_out = tmp_path / "figs"
+    execute_notebook(notebooks_dir() / "fig_later_release.ipynb", tmp_path / "fig.ipynb",
+                     {"study": str(study), "runs_root": str(runs_root), "out_dir": str(fig_out)})
+    assert (fig_out / "fig_later_release.png").stat().st_size > 10_000
     assert (rel / "release_vs_cv.png").is_file() and (rel / "release_calibration.png").is_file()

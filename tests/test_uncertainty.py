@@ -70,11 +70,56 @@ def test_sparsification_follows_the_oracle_when_variance_is_informative():
 def test_ensemble_mixture():
     m = np.array([[1.0, 0.0], [3.0, 0.0]])
     v = np.array([[1.0, 2.0], [1.0, 2.0]])
-    mu, var = U.ensemble(m, v)
+    mu, var = U.ensemble(m, v, rule="mixture")
     np.testing.assert_allclose(mu, [2.0, 0.0])
     np.testing.assert_allclose(var, [1.0 + 1.0, 2.0])  # mean variance + spread of the means
     with pytest.raises(ValueError, match="same shape"):
         U.ensemble(m, v[:1])
+    with pytest.raises(ValueError, match="unknown ensemble rule 'vote'; use one of ambiguity, "
+                                         "mixture"):
+        U.ensemble(m, v, rule="vote")
+
+
+def test_ambiguity_ensemble_by_hand_and_its_floor():
+    m = np.array([[1.0, 0.0, 0.0], [3.0, 0.0, 10.0]])
+    v = np.array([[4.0, 2.0, 4.0], [4.0, 2.0, 4.0]])
+    mu, var = U.ensemble(m, v)  # the default rule
+    np.testing.assert_allclose(mu, [2.0, 0.0, 5.0])
+    # mean variance - spread of the means (1.0; 0; 25 -> floored at 4/2)
+    np.testing.assert_allclose(var, [4.0 - 1.0, 2.0, 2.0])
+
+
+def test_one_member_ensemble_is_the_member():
+    rng = np.random.default_rng(4)
+    m, v = rng.normal(size=(1, 50, 3)), rng.uniform(0.5, 2, (1, 50, 3))
+    for rule in U.ENSEMBLE_RULES:
+        mu, var = U.ensemble(m, v, rule)
+        np.testing.assert_array_equal(mu, m[0])
+        np.testing.assert_allclose(var, v[0], rtol=1e-12)
+
+
+def _calibrated_ensemble(k: int, n: int, seed: int):
+    """K members whose errors have a shared part (variance a) and an independent part (variance
+    b), known per subject; each member's calibrated variance is its full error variance a + b."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.uniform(0.25, 4.0, n), rng.uniform(0.25, 4.0, n)
+    y = rng.normal(50, 10, n)
+    means = y + rng.normal(0, 1, n) * np.sqrt(a) + rng.normal(0, 1, (k, n)) * np.sqrt(b)
+    return y, means, np.broadcast_to(a + b, (k, n)), a + b / k
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_ambiguity_rule_covers_and_the_mixture_over_covers(k):
+    y, means, var, truth = _calibrated_ensemble(k, 100000, seed=k)
+    # every member alone is calibrated
+    assert U.coverage(y, means[0], var[0]) == pytest.approx(0.95, abs=0.004)
+    mu, amb = U.ensemble(means, var, "ambiguity")
+    # the ensemble's error variance is a + b/K, less than a member's a + b
+    assert np.mean((mu - y) ** 2) == pytest.approx(np.mean(truth), rel=0.03)
+    assert np.mean(amb) < np.mean(var[0])
+    assert U.coverage(y, mu, amb) == pytest.approx(0.95, abs=0.008)
+    _mu, mix = U.ensemble(means, var, "mixture")
+    assert U.coverage(y, mu, mix) > 0.975
 
 
 def test_tables_fit_apply_and_report():
@@ -96,9 +141,12 @@ def test_tables_fit_apply_and_report():
     assert U.fit_scales(scaled)["22407"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no calibration factor for field"):
         U.apply_scales(table, {"22407": 1.0})
-    ens = U.ensemble_table([table, table.assign(prediction=table["prediction"] + 2.0)])
+    pair = [table, table.assign(prediction=table["prediction"] + 2.0)]
+    ens = U.ensemble_table(pair, rule="mixture")
     assert len(ens) == len(table)
     np.testing.assert_allclose(ens["variance"], table["variance"] + 1.0)
+    np.testing.assert_allclose(U.ensemble_table(pair)["variance"],
+                               np.maximum(table["variance"] - 1.0, table["variance"] / 2))
 
 
 def test_no_variance_is_an_error_naming_the_field():

@@ -22,6 +22,9 @@ A study file holds::
     thigh: {...}                       # thigh-function study settings (THIGH_DEFAULTS)
     modules: {name: [keys], ...}       # multi-field only: several networks ("modules"), each
                                        # for its fields; together they partition `fields`
+    release: {subjects: 400, seed: 1}  # a later release to judge the trained modules on (stage
+                                       # `release`); phantom: its next release is synthesised;
+                                       # real data: {input: DIR_OR_ZIPS, fields_csv: FILE}
 
 Errors are ``StudyError`` (a ``ValueError``) with a one-line message naming the file and problem.
 """
@@ -46,7 +49,7 @@ from biometry.config.training import TrainConfig
 _TOP_KEYS = {"name", "description", "data", "format", "fields", "multi_field", "folds",
              "train_folds", "split_seed", "calibration", "min_labelled_per_fold", "training",
              "dispatch", "network_name", "stratify", "thigh", "liver",
-             "saliency", "modules"}
+             "saliency", "modules", "release"}
 #: the ``thigh:`` block of a thigh-function study (docs/thigh.md) and its defaults
 THIGH_DEFAULTS: dict[str, Any] = {
     "backbone": "weights",         # "weights": training.weights (ImageNet file, a path);
@@ -104,6 +107,10 @@ class Study:
     saliency: Mapping[str, Any] | None = None
     #: multi-field studies with several networks (MIMIR's modules): module name -> its fields
     modules: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    #: a later release the ``release`` stage applies the study's bundles to
+    #: (``{subjects, seed}`` for the phantom's next release, ``{input, fields_csv}`` for real
+    #: data; docs/inference.md); None: no such stage
+    release: Mapping[str, Any] | None = None
 
     @property
     def formats_needed(self) -> tuple[str, ...]:
@@ -159,7 +166,8 @@ class Study:
                 "network_name": self.network_name, "stratify": self.stratify,
                 **({"thigh": dict(self.thigh)} if self.thigh else {}),
                 **({"liver": dict(self.liver)} if self.liver is not None else {}),
-                **({"saliency": dict(self.saliency)} if self.saliency is not None else {})}
+                **({"saliency": dict(self.saliency)} if self.saliency is not None else {}),
+                **({"release": dict(self.release)} if self.release is not None else {})}
 
 
 def check_lr_steps(training: TrainConfig, where: str = "training") -> None:
@@ -295,7 +303,7 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
         network_name=str(raw.get("network_name", "all")), thigh=thigh,
         liver=None if raw.get("liver") is None else dict(raw["liver"]),
         saliency=_saliency_settings(raw.get("saliency"), keys, where),
-        modules=modules)
+        modules=modules, release=_release_settings(raw.get("release"), data, where))
 
 
 
@@ -325,6 +333,28 @@ def _modules(raw, keys, multi: bool, where: str) -> dict[str, tuple[str, ...]]:
     if left:
         raise StudyError(f"{where}: field(s) {', '.join(left)} belong to no module")
     return out
+
+
+def _release_settings(raw: Any, data: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+    """The ``release:`` block: ``{subjects, seed}`` (phantom) or ``{input, fields_csv}``."""
+    if raw is None:
+        return None
+    phantom = data.get("source") == "phantom"
+    need = {"subjects", "seed"} if phantom else {"input", "fields_csv"}
+    if not isinstance(raw, Mapping) or set(raw) != need:
+        shape = "{subjects: N, seed: S}" if phantom else "{input: DIR_OR_ZIPS, fields_csv: FILE}"
+        raise StudyError(f"{where}: release must be {shape} for {data.get('source')} data")
+    if not phantom:
+        return {"input": str(raw["input"]), "fields_csv": str(raw["fields_csv"])}
+    try:
+        subjects, seed = int(raw["subjects"]), int(raw["seed"])
+    except (TypeError, ValueError):
+        subjects, seed = 0, -1
+    if subjects < 1 or seed < 0:
+        raise StudyError(f"{where}: release.subjects must be a positive and release.seed a "
+                         f"non-negative integer, got {raw['subjects']!r} and {raw['seed']!r}")
+    return {"subjects": subjects, "seed": seed}
+
 
 
 #: Grad-CAM layers of the torchvision ResNets a study's saliency block may name
@@ -482,6 +512,9 @@ def new_study(name: str, preset: str, fields_csv: str | os.PathLike, prepared: s
     raw["description"] = (f"Started from the preset {base.name!r}. " + base.description).strip()
     raw["data"] = {"source": "ukb", "fields_csv": relative(fields_csv),
                    "prepared": relative(prepared)}
+    # a preset's phantom release cannot be synthesised for real data; the user names theirs
+    if isinstance(raw.get("release"), dict) and "input" not in raw["release"]:
+        raw.pop("release")
     if fields:
         raw["fields"] = fieldcat.validate([str(f) for f in fields])
         # the preset's per-field blocks keep only the chosen fields

@@ -302,35 +302,57 @@ def prepare(input_dir: str | Path, out_dir: str | Path,
         if unknown:
             raise ValueError(f"unknown format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
         store = Store.create(out_dir, formats, exist_ok=True)
-    done = store.done(retry_failed=retry_failed)
-    todo = [s for s in subjects if s.eid not in done]
-    chunks = _chunks(todo, chunk_size)
-    parts = store.next_parts(len(chunks))
-    bar = _progress(len(todo), progress)
-    n_done = 0
-    try:
-        if workers == 1 and scheduler is None:
-            for chunk, part in zip(chunks, parts, strict=True):
-                res = process_chunk(chunk, str(out_dir), part, formats, spacing)
-                store.commit(res[0], res[1], res[2], res[3])
-                n_done += len(res[1])
-                bar.update(len(chunk))
-        else:
-            n_done = _run_dask(chunks, parts, str(out_dir), formats, spacing, workers, scheduler,
-                               store, bar)
-    finally:
-        bar.close()
+    n_done, n_skipped = prepare_into(store, subjects, formats, spacing, workers, scheduler,
+                                     chunk_size, retry_failed, _progress(len(subjects), progress))
     store.refresh()
     input_eids = {s.eid for s in subjects}
     failed = store.failed()
     failed = failed[failed["eid"].isin(input_eids)][["eid", "stage", "error"]].reset_index(drop=True)
     return PrepareResult(out_dir=out_dir, n_input=len(subjects), n_done=n_done,
-                         n_skipped=len(subjects) - len(todo), failed=failed,
+                         n_skipped=n_skipped, failed=failed,
                          seconds=time.perf_counter() - t0)
 
 
-def _progress(total: int, enabled: bool):
-    return tqdm(total=total, unit="subject", desc="prepare", disable=not enabled or total == 0)
+def prepare_into(store: Store, subjects: Sequence[Subject], formats: Sequence[str],
+                 spacing: tuple[float, float, float] | None = None, workers: int = 1,
+                 scheduler: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 retry_failed: bool = False, bar=None) -> tuple[int, int]:
+    """Prepare the ``subjects`` that ``store`` lacks (ok or failed) and commit them as they finish.
+
+    The one preparation loop of ``biometry prepare`` and ``biometry infer``: chunks of
+    ``chunk_size`` subjects (fewer when that leaves a worker idle), in-process when one worker
+    (or one chunk) suffices, else on a Dask cluster (``workers`` processes, or ``scheduler``).
+    Only this process writes the store's index; a failed subject gets its QC row and the others
+    go on. ``bar``: a tqdm bar (its total is set to the subjects to do) or None.
+    Returns ``(subjects prepared now, subjects skipped)``.
+    """
+    done = store.done(retry_failed=retry_failed)
+    todo = [s for s in subjects if s.eid not in done]
+    if scheduler is None:  # small inputs: do not leave a worker without a chunk
+        chunk_size = max(1, min(chunk_size, -(-len(todo) // workers)))
+    chunks = _chunks(todo, chunk_size)
+    parts = store.next_parts(len(chunks))
+    bar = bar if bar is not None else _progress(0, False)
+    bar.reset(total=len(todo))
+    n_done = 0
+    try:
+        if scheduler is None and (workers == 1 or len(chunks) <= 1):
+            for chunk, part in zip(chunks, parts, strict=True):
+                res = process_chunk(chunk, str(store.path), part, formats, spacing)
+                store.commit(*res)
+                n_done += len(res[1])
+                bar.update(len(chunk))
+        else:
+            n_done = _run_dask(chunks, parts, str(store.path), formats, spacing, workers,
+                               scheduler, store, bar)
+    finally:
+        bar.close()
+    return n_done, len(subjects) - len(todo)
+
+
+def _progress(total: int, enabled: bool, desc: str = "prepare"):
+    return tqdm(total=total, unit="subject", desc=desc, disable=not enabled or total == 0,
+                file=sys.stderr)
 
 
 def _run_dask(chunks, parts, store_path, formats, spacing, workers, scheduler, store, bar) -> int:

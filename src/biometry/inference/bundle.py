@@ -8,9 +8,10 @@ A biometry bundle (in the spirit of a MONAI bundle)::
 
 ``bundle.json`` holds ``bundle_format``, ``package_version``, the network (``arch``,
 ``in_channels``, ``head``), the input (``format``, ``shape``, ``dtype``, ``input_size``,
-``pixel_scale``), the fields (key, name, unit, divisor), the members (weights file and the target
-standardisation of each: every fold standardised on its own training subjects), the per-field
-variance ``calibration`` factors and the CV metrics.
+``pixel_scale``), the fields (key, name, unit, divisor), the members (weights file, the target
+standardisation of each: every fold standardised on its own training subjects, and its own
+variance factors: fitted on its own out-of-fold subjects), the per-field variance
+``calibration`` factors pooled over the folds, the ``ensemble`` rule and the CV metrics.
 
 Loading (:func:`load_bundle`) checks, each with one line naming the folder and the file: the
 bundle format, the package version (same major.minor), that every listed file exists and has its
@@ -45,7 +46,7 @@ from torch import nn
 from biometry import __version__, fileio
 from biometry.config import fields as field_catalogue
 from biometry.config.formats import FORMAT_SPECS
-from biometry.inference.uncertainty import ensemble
+from biometry.inference.uncertainty import DEFAULT_ENSEMBLE_RULE, ENSEMBLE_RULES, ensemble
 from biometry.learn.devices import resolve_device
 from biometry.learn.models import build_model
 
@@ -63,11 +64,13 @@ class BundleError(ValueError):
 
 @dataclass
 class Member:
-    """One network of a bundle, with the standardisation of its targets (per field)."""
+    """One network of a bundle, with the standardisation of its targets (per field) and, when
+    the bundle has them, its own variance factors (fitted on its own out-of-fold subjects)."""
 
     model: nn.Module
     mean: np.ndarray
     std: np.ndarray
+    calibration: np.ndarray | None = None
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Bundle:
     input_size : the (H, W) the images are resized to, or None.
     pixel_scale : uint8 values are multiplied by it (1/255 for ours, 1 for the original).
     original : whether this is an original MIMIR module.
+    ensemble_rule : how several members are combined (``bundle.json``'s ``ensemble.rule``;
+        :func:`biometry.inference.uncertainty.ensemble`).
     """
 
     path: Path
@@ -103,6 +108,7 @@ class Bundle:
     pixel_scale: float
     original: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    ensemble_rule: str = DEFAULT_ENSEMBLE_RULE
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -193,7 +199,9 @@ def _load_biometry(root: Path) -> Bundle:
                 raise BundleError(f"{root}: {m['weights']} does not fit a {net['arch']} with "
                                   f"{len(keys)} fields ({str(exc).splitlines()[0]})") from None
             model.eval()
-            members.append(Member(model, np.asarray(m["mean"], float), np.asarray(m["std"], float)))
+            own = m.get("calibration")
+            members.append(Member(model, np.asarray(m["mean"], float), np.asarray(m["std"], float),
+                                  None if own is None else np.asarray(own, dtype=np.float64)))
         calibration = np.asarray(meta["calibration"]["factors"], dtype=np.float64)
         size = inp.get("input_size")
         bundle = Bundle(
@@ -203,7 +211,9 @@ def _load_biometry(root: Path) -> Bundle:
             divisors=np.asarray([float(f.get("divisor", 1.0)) for f in fields]),
             calibration=calibration, input_format=str(inp["format"]),
             input_size=tuple(int(s) for s in size) if size else None,
-            pixel_scale=float(inp.get("pixel_scale", 1 / 255)))
+            pixel_scale=float(inp.get("pixel_scale", 1 / 255)),
+            # bundles written before the rule was recorded: their members are calibrated too
+            ensemble_rule=str((meta.get("ensemble") or {}).get("rule", DEFAULT_ENSEMBLE_RULE)))
     except KeyError as exc:
         raise BundleError(f"{root}: {BUNDLE_JSON} lacks {exc.args[0]!r}") from None
     _check_shapes(bundle)
@@ -220,6 +230,14 @@ def _check_shapes(b: Bundle) -> None:
     for m in b.members:
         if m.mean.shape != (t,) or m.std.shape != (t,):
             raise BundleError(f"{b.path}: standardisation has {m.mean.shape} values for {t} fields")
+        own = m.calibration
+        if own is not None and (own.shape != (t,) or not np.all(np.isfinite(own))
+                                or np.any(own <= 0)):
+            raise BundleError(f"{b.path}: a member needs {t} positive calibration factors, got "
+                              f"{own.tolist()[:5]}")
+    if b.ensemble_rule not in ENSEMBLE_RULES:
+        raise BundleError(f"{b.path}: unknown ensemble rule {b.ensemble_rule!r} (this biometry "
+                          f"knows {', '.join(ENSEMBLE_RULES)})")
     if b.input_format not in FORMAT_SPECS:
         raise BundleError(f"{b.path}: unknown input format {b.input_format!r}")
 
@@ -332,15 +350,29 @@ def forward(bundle: Bundle, images: np.ndarray, batch_size: int = 32, device: st
     return means, variances
 
 
-def predict_calibrated(bundle: Bundle, images: np.ndarray, **kwargs
+def member_factors(bundle: Bundle) -> np.ndarray:
+    """(K, T) variance factors: each member's own (fitted on its own out-of-fold subjects) where
+    the bundle has them, else the field's factor pooled over the folds."""
+    return np.stack([bundle.calibration if m.calibration is None else m.calibration
+                     for m in bundle.members])
+
+
+def predict_members(bundle: Bundle, images: np.ndarray, **kwargs
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Every member's mean and calibrated variance, (K, N, T) in the fields' units: each
+    member's variance times its factors (:func:`member_factors`; ``kwargs``: :func:`forward`)."""
+    means, variances = forward(bundle, images, **kwargs)
+    return means, variances * member_factors(bundle)[:, None, :]
+
+
+def predict_calibrated(bundle: Bundle, images: np.ndarray, rule: str | None = None, **kwargs
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated mean and variance (N, T) in the fields' units.
 
-    Each member's variance is multiplied by the field's calibration factor; several members are
-    combined as a mixture (:func:`biometry.inference.uncertainty.ensemble`).
+    The calibrated members (:func:`predict_members`) are combined by ``rule`` (default the
+    bundle's, :attr:`Bundle.ensemble_rule`; :func:`biometry.inference.uncertainty.ensemble`).
     """
-    means, variances = forward(bundle, images, **kwargs)
-    return ensemble(means, variances * bundle.calibration)
+    return ensemble(*predict_members(bundle, images, **kwargs), rule or bundle.ensemble_rule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,28 +381,36 @@ def predict_calibrated(bundle: Bundle, images: np.ndarray, **kwargs
 
 def write_bundle(out_dir: str | os.PathLike, *, name: str, network: dict[str, Any],
                  input_spec: dict[str, Any], field_keys: Sequence[str],
-                 members: Sequence[tuple[dict[str, torch.Tensor], Sequence[float], Sequence[float]]],
-                 calibration: Sequence[float], card: str, extra: dict[str, Any] | None = None
-                 ) -> Path:
+                 members: Sequence[tuple],
+                 calibration: Sequence[float], card: str, extra: dict[str, Any] | None = None,
+                 ensemble_rule: str = DEFAULT_ENSEMBLE_RULE) -> Path:
     """Write a bundle folder (``out_dir`` must be missing or empty).
 
-    ``members``: per network, ``(state_dict, mean, std)``; ``calibration``: per-field factors.
+    ``members``: per network, ``(state_dict, mean, std)`` or ``(state_dict, mean, std,
+    factors)`` with the member's own per-field variance factors; ``calibration``: per-field
+    factors pooled over the folds (used for a member without its own);
+    ``ensemble_rule``: how the engine combines several members (recorded in ``bundle.json``).
     Every file is written atomically; ``bundle.json`` (with the checksums) comes last, so a
     bundle interrupted while writing does not load.
     """
+    if ensemble_rule not in ENSEMBLE_RULES:
+        raise ValueError(f"unknown ensemble rule {ensemble_rule!r}; use one of "
+                         f"{', '.join(ENSEMBLE_RULES)}")
     root = Path(out_dir)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(f"{root}: exists and is not an empty folder")
     (root / "weights").mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     member_meta = []
-    for k, (state, mean, std) in enumerate(members):
+    for k, (state, mean, std, *own) in enumerate(members):
         rel = f"weights/fold_{k}.pt"
         with fileio.atomic_path(root / rel) as tmp:
             torch.save({n: v.detach().cpu().contiguous() for n, v in state.items()}, tmp)
         files[rel] = sha256(root / rel)
         member_meta.append({"weights": rel, "mean": [float(v) for v in mean],
-                            "std": [float(v) for v in std]})
+                            "std": [float(v) for v in std],
+                            **({"calibration": [float(v) for v in own[0]]} if own and own[0]
+                               is not None else {})})
     fileio.write_text(root / MODEL_CARD, card)
     files[MODEL_CARD] = sha256(root / MODEL_CARD)
     fields_meta = []
@@ -384,6 +424,7 @@ def write_bundle(out_dir: str | os.PathLike, *, name: str, network: dict[str, An
             "calibration": {"method": "variance scaling, closed-form NLL minimiser on the "
                                       "out-of-fold predictions",
                             "factors": [float(c) for c in calibration]},
+            "ensemble": {"rule": ensemble_rule, "members": len(member_meta)},
             "files": files, **(extra or {})}
     fileio.write_json(root / BUNDLE_JSON, meta)
     return root

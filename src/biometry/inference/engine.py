@@ -4,10 +4,13 @@ calibrated predictions with 95 % intervals.
 1. The model bundles are loaded and checked (:func:`biometry.inference.bundle.load_bundle`);
    two bundles that predict the same field are refused.
 2. The input's subjects are prepared into a cache of prepared stores, one per input format and
-   grid (``<cache>/<format>-<grid>/``, :mod:`biometry.data.store`). A second run over the same
-   input reuses what is cached, failures included (``--retry-failed`` redoes them).
-3. Each bundle predicts every prepared subject; outputs are in the field's catalogue unit (or the
-   original module's unit).
+   grid (``<cache>/<format>-<grid>/``, :mod:`biometry.data.store`), by ``workers`` processes
+   (:func:`biometry.data.prepare.prepare_into`, the loop of ``biometry prepare``: workers write
+   part files, only this process commits them to the index). A second run over the same input
+   reuses what is cached, failures included (``--retry-failed`` redoes them).
+3. Each bundle predicts every prepared subject; its calibrated members are combined by the
+   bundle's ensemble rule (or ``ensemble_rule``); outputs are in the field's catalogue unit (or
+   the original module's unit).
 4. ``predictions.csv``: one row per subject, ``eid`` and for each field key F the columns
    ``F_mean``, ``F_var``, ``F_lo95``, ``F_hi95``; ``predictions.json``: fields, names, units, the
    models and their versions; ``failures.csv``: ``eid, source, stage, error`` of the subjects that
@@ -17,6 +20,7 @@ calibrated predictions with 95 % intervals.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -29,16 +33,33 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from biometry import __version__, fileio
-from biometry.data.prepare import Subject, find_subjects, phantom_spacing, process_chunk
+from biometry.data.prepare import (
+    DEFAULT_CHUNK_SIZE,
+    Subject,
+    find_subjects,
+    phantom_spacing,
+    prepare_into,
+)
 from biometry.data.store import Store
 from biometry.data.types import UKB_SPACING
 from biometry.errors import UsageError, run_guarded
-from biometry.inference.bundle import Bundle, BundleError, load_bundle, predict_calibrated
-from biometry.inference.uncertainty import interval
+from biometry.inference.bundle import (
+    Bundle,
+    BundleError,
+    load_bundle,
+    member_factors,
+    predict_members,
+)
+from biometry.inference.uncertainty import ENSEMBLE_RULES, ensemble, interval
 
 _ZIP_RE = re.compile(r"^(\d+)_20201_(\d+)_(\d+)\.zip$")
-CHUNK = 16
 FAILURE_COLUMNS = ["eid", "source", "stage", "error"]
+MEMBER_COLUMNS = ["eid", "model", "member", "field", "mean", "var"]
+
+
+def default_workers() -> int:
+    """Preparation processes by default: two, or one on a one-core machine."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 @dataclass
@@ -54,6 +75,8 @@ class InferResult:
     network_seconds: float = 0.0
     seconds: float = 0.0
     fields: list[dict] = field(default_factory=list)
+    #: with ``keep_members``: every member's mean and calibrated variance (``MEMBER_COLUMNS``)
+    members: pd.DataFrame | None = None
 
     def summary(self) -> str:
         line = (f"infer: {self.n_input} subjects, {len(self.predictions)} predicted, "
@@ -102,24 +125,16 @@ def _grid_tag(spacing: tuple[float, float, float] | None) -> str:
 
 def prepare_cached(subjects: Sequence[Subject], fmt: str, cache: Path,
                    spacing: tuple[float, float, float] | None, progress: bool = True,
-                   retry_failed: bool = False) -> tuple[Store, int]:
-    """Prepare ``subjects`` in format ``fmt`` into the cache store; returns it and how many of the
-    subjects were there already."""
+                   retry_failed: bool = False, workers: int = 1) -> tuple[Store, int]:
+    """Prepare ``subjects`` in format ``fmt`` into the cache store with ``workers`` processes;
+    returns it and how many of the subjects were there already."""
     store = Store.create(cache / f"{fmt}-{_grid_tag(spacing)}", [fmt], exist_ok=True)
-    done = store.done(retry_failed=retry_failed)
-    todo = [s for s in subjects if s.eid not in done]
-    chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
-    bar = tqdm(total=len(todo), unit="subject", desc=f"prepare {fmt}",
-               disable=not progress or not todo, file=sys.stderr)
-    try:
-        for chunk, part in zip(chunks, store.next_parts(len(chunks)), strict=True):
-            res = process_chunk(chunk, str(store.path), part, [fmt], spacing)
-            store.commit(*res)
-            bar.update(len(chunk))
-    finally:
-        bar.close()
+    bar = tqdm(total=len(subjects), unit="subject", desc=f"prepare {fmt}",
+               disable=not progress, file=sys.stderr)
+    _done, cached = prepare_into(store, subjects, [fmt], spacing, workers=workers,
+                                 chunk_size=DEFAULT_CHUNK_SIZE, retry_failed=retry_failed, bar=bar)
     store.refresh()
-    return store, len(subjects) - len(todo)
+    return store, cached
 
 
 def load_bundles(models: Sequence[str | Path]) -> list[Bundle]:
@@ -139,8 +154,9 @@ def load_bundles(models: Sequence[str | Path]) -> list[Bundle]:
 def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | str | Path,
           out: str | Path, cache: str | Path | None = None, batch_size: int = 32,
           device: str = "auto", progress: bool = True, spacing: Sequence[float] | None = None,
-          retry_failed: bool = False, channels_last: bool = False, bf16: bool = False
-          ) -> InferResult:
+          retry_failed: bool = False, channels_last: bool = False, bf16: bool = False,
+          workers: int | None = None, ensemble_rule: str | None = None,
+          keep_members: bool = False) -> InferResult:
     """Predict every subject of ``inputs`` with every model; write the three output files.
 
     Parameters
@@ -152,9 +168,19 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
     batch_size, device, channels_last, bf16 : the forward passes.
     spacing : fused grid (mm); default the phantom's grid for a phantom root, else the UKB grid.
     retry_failed : prepare again the subjects that failed in an earlier run.
+    workers : preparation processes (default :func:`default_workers`).
+    ensemble_rule : how a bundle's members are combined (default each bundle's own rule;
+        :data:`biometry.inference.uncertainty.ENSEMBLE_RULES`).
+    keep_members : also return every member's predictions (``InferResult.members``).
     """
     t0 = time.perf_counter()
     out = Path(out)
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if ensemble_rule is not None and ensemble_rule not in ENSEMBLE_RULES:
+        raise ValueError(f"unknown ensemble rule {ensemble_rule!r}; use one of "
+                         f"{', '.join(ENSEMBLE_RULES)}")
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     bundles = [m if isinstance(m, Bundle) else None for m in models]
@@ -170,7 +196,8 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
 
     stores, n_cached = {}, len(subjects)
     for fmt in formats:
-        stores[fmt], cached = prepare_cached(subjects, fmt, cache, grid, progress, retry_failed)
+        stores[fmt], cached = prepare_cached(subjects, fmt, cache, grid, progress, retry_failed,
+                                             workers)
         n_cached = min(n_cached, cached)
     t_prep = time.perf_counter() - t0
 
@@ -190,25 +217,30 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
 
     t1 = time.perf_counter()
     columns: dict[str, np.ndarray] = {"eid": np.asarray(eids, dtype=object)}
-    field_meta = []
+    field_meta, member_parts = [], []
     bar = tqdm(total=len(bundles) * len(eids), unit="subject", desc="predict",
                disable=not progress or not eids, file=sys.stderr)
     for b in bundles:
         store = stores[b.input_format]
         rows = store.rows(eids) if eids else np.zeros(0, dtype=np.int64)
         arr = store.array(b.input_format)
+        rule = ensemble_rule or b.ensemble_rule
         means, variances = [], []
         for s in range(0, len(rows), 256):  # bounded memory: 256 images at a time
-            mu, var = predict_calibrated(b, np.asarray(arr[rows[s:s + 256]]),
-                                         batch_size=batch_size, device=device,
-                                         channels_last=channels_last, bf16=bf16)
-            means.append(mu)
-            variances.append(var)
-            bar.update(len(mu))
-        t = len(b.field_keys)
-        mu = np.concatenate(means) if means else np.zeros((0, t))
-        var = np.concatenate(variances) if variances else np.zeros((0, t))
+            m_k, v_k = predict_members(b, np.asarray(arr[rows[s:s + 256]]),
+                                       batch_size=batch_size, device=device,
+                                       channels_last=channels_last, bf16=bf16)
+            means.append(m_k)
+            variances.append(v_k)
+            bar.update(m_k.shape[1])
+        shape = (len(b.members), 0, len(b.field_keys))
+        m_k = np.concatenate(means, axis=1) if means else np.zeros(shape)
+        v_k = np.concatenate(variances, axis=1) if variances else np.zeros(shape)
+        mu, var = ensemble(m_k, v_k, rule)
+        if keep_members:
+            member_parts.append(member_table(eids, str(b.path), b.field_keys, m_k, v_k))
         lo, hi = interval(mu, var, 0.95)
+        factors = member_factors(b)
         for j, key in enumerate(b.field_keys):
             columns[f"{key}_mean"] = mu[:, j]
             columns[f"{key}_var"] = var[:, j]
@@ -216,7 +248,8 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
             columns[f"{key}_hi95"] = hi[:, j]
             field_meta.append({"key": key, "name": b.field_names[j], "unit": b.units[j],
                                "model": str(b.path), "calibration_factor": float(b.calibration[j]),
-                               "members": len(b.members)})
+                               "members": len(b.members), "ensemble_rule": rule,
+                               "member_calibration_factors": factors[:, j].tolist()})
     bar.close()
     t_net = time.perf_counter() - t1
     table = pd.DataFrame(columns)
@@ -225,15 +258,35 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
     fileio.write_json(out.with_suffix(".json"), {
         "biometry_version": __version__, "interval": 0.95,
         "columns": "F_mean, F_var (calibrated), F_lo95, F_hi95 = mean -/+ 1.96 sqrt(var)",
+        "ensemble_rules": {"ambiguity": "mean of the calibrated members' variances minus the "
+                                        "spread of their means (floored at 1/K of the former)",
+                           "mixture": "mean of the calibrated members' variances plus the spread "
+                                      "of their means"},
         "fields": field_meta,
         "models": [{"path": str(b.path), "name": b.name, "original_mimir": b.original,
                     "package_version": b.meta.get("package_version"),
-                    "input_format": b.input_format} for b in bundles],
+                    "input_format": b.input_format, "members": len(b.members),
+                    "ensemble_rule": ensemble_rule or b.ensemble_rule} for b in bundles],
+        "workers": workers,
         "grid_mm": list(grid) if grid else list(UKB_SPACING),
         "n_subjects": len(subjects), "n_predicted": len(table), "n_failed": len(fail_table)})
     return InferResult(out=out, n_input=len(subjects), predictions=table, failures=fail_table,
                        n_cached=n_cached, prepare_seconds=t_prep, network_seconds=t_net,
-                       seconds=time.perf_counter() - t0, fields=field_meta)
+                       seconds=time.perf_counter() - t0, fields=field_meta,
+                       members=(pd.concat(member_parts, ignore_index=True) if member_parts
+                                else pd.DataFrame(columns=MEMBER_COLUMNS)) if keep_members
+                       else None)
+
+
+def member_table(eids: Sequence[str], model: str, keys: Sequence[str], means: np.ndarray,
+                 variances: np.ndarray) -> pd.DataFrame:
+    """(K, N, T) member means and calibrated variances → the long table ``MEMBER_COLUMNS``."""
+    k, n, t = means.shape
+    return pd.DataFrame({
+        "eid": np.tile(np.repeat(np.asarray(eids, dtype=object), t), k), "model": model,
+        "member": np.repeat(np.arange(k), n * t), "field": np.tile(np.asarray(keys, dtype=object),
+                                                                   k * n),
+        "mean": means.reshape(-1), "var": variances.reshape(-1)})
 
 
 def main(argv: list[str]) -> int:
@@ -256,6 +309,11 @@ def main(argv: list[str]) -> int:
         p.add_argument("--device", default="auto", help="auto | cpu | cuda")
         p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                        help="fused grid (mm); default the phantom's grid or the UKB grid")
+        p.add_argument("--workers", type=int, default=default_workers(),
+                       help="preparation processes (default: %(default)s, i.e. min(2, cpus))")
+        p.add_argument("--ensemble-rule", choices=ENSEMBLE_RULES, default=None,
+                       help="how a bundle's fold networks are combined (default: the bundle's, "
+                            "ambiguity; mixture for comparison; docs/inference.md)")
         p.add_argument("--retry-failed", action="store_true",
                        help="prepare again subjects that failed in an earlier run")
         p.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
@@ -264,9 +322,12 @@ def main(argv: list[str]) -> int:
         a = p.parse_args(args_list)
         if a.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        if a.workers < 1:
+            raise UsageError("--workers must be at least 1")
         try:
             result = infer(a.model, a.input, a.out, a.cache, a.batch_size, a.device,
-                           not a.no_progress, a.spacing, a.retry_failed, a.channels_last, a.bf16)
+                           not a.no_progress, a.spacing, a.retry_failed, a.channels_last, a.bf16,
+                           a.workers, a.ensemble_rule)
         except (BundleError, FileNotFoundError, ValueError, KeyError) as exc:
             raise UsageError(str(exc).strip("'\"")) from None
         print(result.summary(), file=sys.stdout if result.failures.empty else sys.stderr)

@@ -88,6 +88,23 @@ def calibrate_module(folder: str | Path, out_dir: str | Path | None = None) -> d
     return scales
 
 
+def fold_scales(folder: str | Path, pooled: dict[str, float]) -> dict[int, dict[str, float]]:
+    """Per fold, the per-field variance factor fitted on that fold's own out-of-fold predictions:
+    the calibration of the fold's network alone (a field the fold cannot fit, e.g. no usable
+    variance, keeps the ``pooled`` factor)."""
+    out = {}
+    for k, d in fold_runs(folder).items():
+        table = pd.read_csv(d / "predictions.csv", dtype={"eid": str, "field": str})
+        own = {}
+        for key, t in table.groupby("field", sort=True):
+            try:
+                own[key] = unc.fit_variance_scale(t["reference"], t["prediction"], t["variance"])
+            except ValueError:
+                own[key] = pooled[key]
+        out[k] = {key: own.get(key, pooled[key]) for key in pooled}
+    return out
+
+
 def cv_metrics(table: pd.DataFrame, scales: dict[str, float]) -> dict[str, dict[str, float]]:
     """Per field: n, R², MAE and calibrated 95 % coverage of pooled out-of-fold predictions."""
     out = {}
@@ -99,13 +116,14 @@ def cv_metrics(table: pd.DataFrame, scales: dict[str, float]) -> dict[str, dict[
     return out
 
 
-def per_fold_metrics(folder: str | Path) -> dict[str, list[float]]:
-    """Per field, each fold's R² (the spread a later release is compared with)."""
+def per_fold_metrics(folder: str | Path, metric: str = "r2") -> dict[str, list[float]]:
+    """Per field, each fold's ``metric`` (``r2``, ``mae``) in fold order: the spread a later
+    release is compared with."""
     out: dict[str, list[float]] = {}
     for d in fold_runs(folder).values():
         m = json.loads((d / "metrics.json").read_text())
         for key, v in m.get("per_field", {}).items():
-            out.setdefault(key, []).append(float(v.get("r2", float("nan"))))
+            out.setdefault(key, []).append(float(v.get(metric, float("nan"))))
     return out
 
 
@@ -140,7 +158,9 @@ def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path
                   folder: str | Path | None = None, fold: int | None = None) -> Path:
     """Write the bundle of a trained module (all finished folds as an ensemble, or one ``fold``).
 
-    The calibration factors are fitted on the pooled out-of-fold predictions of all folds.
+    The calibration factors are fitted on the pooled out-of-fold predictions of all folds, and
+    per member on its own fold's out-of-fold predictions (what the engine applies to that
+    member).
     """
     study = resolve_study(study)
     folder = Path(folder) if folder else train_dir(study, module, runs_root)
@@ -152,8 +172,10 @@ def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path
     else:
         chosen = runs
     table = oof_predictions(folder)
+    scales = unc.fit_scales(table)
+    own_scales = fold_scales(folder, scales)
     members, n_train, first = [], [], None
-    for d in chosen.values():
+    for k, d in chosen.items():
         raw = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
         if raw.get("head") != "mean_variance":
             raise ValueError(f"{d}: head {raw.get('head')!r}; a bundle needs a mean_variance "
@@ -162,10 +184,11 @@ def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path
             first = raw
         elif list(raw["field_keys"]) != list(first["field_keys"]):
             raise ValueError(f"{d}: fields differ from fold {min(chosen)}")
-        members.append((raw["state_dict"], raw["mean"], raw["std"]))
+        members.append((raw["state_dict"], raw["mean"], raw["std"],
+                         [own_scales[k].get(str(f), scales.get(str(f), 1.0))
+                          for f in raw["field_keys"]]))
         n_train.append(int(json.loads((d / "metrics.json").read_text()).get("n_train", 0)))
     keys = [str(k) for k in first["field_keys"]]
-    scales = unc.fit_scales(table)
     missing = [k for k in keys if k not in scales]
     if missing:
         raise ValueError(f"{folder}: no out-of-fold predictions for field(s) {', '.join(missing)}")
@@ -183,7 +206,9 @@ def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path
                                    cfg),
                         extra={"study": study.name, "module": str(module),
                                "members_from_folds": sorted(chosen), "cv_metrics": metrics,
-                               "cv_fold_r2": per_fold_metrics(folder)})
+                               "cv_folds": sorted(runs),
+                               "cv_fold_r2": per_fold_metrics(folder, "r2"),
+                               "cv_fold_mae": per_fold_metrics(folder, "mae")})
 
 
 def main(argv: list[str]) -> int:

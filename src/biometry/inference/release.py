@@ -1,92 +1,143 @@
 """A later release against the cross-validation: test metrics and interval coverage per field.
 
-What ``notebooks/09_later_release.ipynb`` reports (the MIMIR paper's Fig. 2, plus the intervals):
-for each field of a bundle with enough references in the new release, R² and MAE on the release
-next to the spread of the CV folds' R², and the share of references inside the calibrated 95 %
-intervals of the engine's ``predictions.csv``.
+What the ``release`` stage (``notebooks/09_later_release.ipynb``) reports, the MIMIR paper's
+Fig. 2 made apples to apples, plus the intervals:
+
+* **members**: each fold network alone on the release (R², MAE) against the same fold's
+  validation metrics in the cross-validation. A fold network on new subjects is what the CV
+  measured; the folds' min-max range is the spread the release metrics should fall in.
+* **ensemble**: the mean of the members (R², MAE), better than any member, so it is *not*
+  compared with the folds' range; and the coverage of its calibrated 95 % intervals by the
+  ambiguity rule and by the mixture (:func:`biometry.inference.uncertainty.ensemble`), next to
+  the coverage of fold 0 alone.
+
+Inputs are the engine's per-member predictions (``infer(..., keep_members=True)``) and the
+release's references; nothing here runs a network.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pandas as pd
 
 from biometry.analysis.stats import agreement
-from biometry.data.tables import references_from_fields_csv
 from biometry.inference.bundle import Bundle
-from biometry.inference.uncertainty import calibration_curve
+from biometry.inference.uncertainty import calibration_curve, coverage, ensemble
 
 #: the coverage a calibrated 95 % interval should reach on new data (the acceptance band)
 COVERAGE_BAND: tuple[float, float] = (0.92, 0.98)
+NAN = float("nan")
 
 
-def long_predictions(predictions: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
-    """Engine output (wide) and references (eid index, one column per key) → ``eid, field,
-    reference, prediction, variance, lo95, hi95`` for every subject with a reference."""
-    pred = predictions.set_index(predictions["eid"].astype(str))
-    refs = references.copy()
-    refs.index = refs.index.astype(str)
-    rows = []
-    for key in refs.columns:
-        if f"{key}_mean" not in pred.columns:
-            continue
-        y = refs[key].reindex(pred.index)
-        keep = y.notna().to_numpy()
-        rows.append(pd.DataFrame({
-            "eid": pred.index[keep], "field": key, "reference": y[keep].to_numpy(float),
-            "prediction": pred[f"{key}_mean"].to_numpy(float)[keep],
-            "variance": pred[f"{key}_var"].to_numpy(float)[keep],
-            "lo95": pred[f"{key}_lo95"].to_numpy(float)[keep],
-            "hi95": pred[f"{key}_hi95"].to_numpy(float)[keep]}))
-    cols = ["eid", "field", "reference", "prediction", "variance", "lo95", "hi95"]
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)
+def _metrics(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    try:
+        a = agreement(y, pred)
+    except ValueError:  # too few pairs, or a constant reference: no metric
+        return NAN, NAN
+    return a["r2"], a["mae"]
 
 
-def compare_release(predictions: pd.DataFrame, fields_csv: str | os.PathLike, bundle: Bundle,
-                    min_references: int = 100) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per field: the release's metrics against the CV's, and the 95 % coverage.
+def _range(values) -> tuple[float, float]:
+    v = [x for x in values if np.isfinite(x)]
+    return (min(v), max(v)) if v else (NAN, NAN)
+
+
+def member_arrays(members: pd.DataFrame, key: str, eids: list[str]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Means and calibrated variances (K, n) of field ``key`` for ``eids`` from the engine's
+    member table (``eid, member, field, mean, var``)."""
+    t = members[members["field"].astype(str) == key]
+    mean = t.pivot(index="member", columns="eid", values="mean").sort_index()
+    var = t.pivot(index="member", columns="eid", values="var").sort_index()
+    return mean[eids].to_numpy(float), var[eids].to_numpy(float)
+
+
+def compare_release(members: pd.DataFrame, references: pd.DataFrame, bundle: Bundle,
+                    min_references: int = 100
+                    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Per field of ``bundle``: members against the CV folds, the ensemble and its coverage.
+
+    Parameters
+    ----------
+    members : the engine's member table for this bundle (``eid, member, field, mean, var``;
+        variances calibrated).
+    references : the release's references, eid index, one column per field key.
+    min_references : fields with fewer references are listed but not judged.
 
     Returns
     -------
-    table : one row per field: ``n``, ``r2``, ``mae``, ``coverage95`` (share of references
-        inside ``[lo95, hi95]``), ``cv_r2`` (pooled out of fold), ``cv_r2_min``/``cv_r2_max``
-        (the folds' spread), ``r2_within_cv`` and ``coverage_ok`` (in :data:`COVERAGE_BAND`),
-        ``judged`` (n >= ``min_references``).
-    long : the long table of :func:`long_predictions` (for plots).
+    table : one row per field: ``n``, ``judged``; the members' ``member_r2_min/max`` and
+        ``member_mae_min/max`` against the folds' ``cv_r2_min/max`` and ``cv_mae_min/max``,
+        ``r2_within_cv``/``mae_within_cv`` (every member inside the folds' range); the
+        ensemble's ``ensemble_r2``, ``ensemble_mae``; ``coverage95_ambiguity``,
+        ``coverage95_mixture``, ``coverage95_member0``; ``rule`` (the bundle's) and
+        ``coverage_ok`` (that rule's coverage in :data:`COVERAGE_BAND`).
+    per_member : ``field, member, fold, n, r2, mae, cv_r2, cv_mae`` (each member against its fold).
+    long : ``eid, field, reference, prediction, variance`` (the bundle's rule),
+        ``variance_mixture``, ``prediction_member0``, ``variance_member0``: for plots.
     """
-    keys = list(bundle.field_keys)
-    refs = references_from_fields_csv(fields_csv, keys)
-    long = long_predictions(predictions, refs)
-    cv = bundle.meta.get("cv_metrics", {})
-    spread = bundle.meta.get("cv_fold_r2", {})
-    rows = []
-    for key in keys:
-        t = long[long["field"] == key]
-        n = len(t)
-        try:
-            a = agreement(t["reference"], t["prediction"])
-        except ValueError:  # too few pairs, or a constant reference: no metric
-            a = {"r2": float("nan"), "mae": float("nan")}
-        cover = float(np.mean((t["lo95"] <= t["reference"]) & (t["reference"] <= t["hi95"]))) \
-            if n else float("nan")
-        folds = [v for v in spread.get(key, []) if np.isfinite(v)]
-        lo, hi = (min(folds), max(folds)) if folds else (float("nan"), float("nan"))
-        rows.append({"field": key, "n": n, "r2": a["r2"], "mae": a["mae"], "coverage95": cover,
-                     "cv_r2": cv.get(key, {}).get("r2", float("nan")), "cv_r2_min": lo,
-                     "cv_r2_max": hi, "cv_mae": cv.get(key, {}).get("mae", float("nan")),
-                     "r2_within_cv": bool(folds) and lo <= a["r2"] <= hi,
-                     "coverage_ok": COVERAGE_BAND[0] <= cover <= COVERAGE_BAND[1],
-                     "judged": n >= min_references})
-    return pd.DataFrame(rows), long
+    refs = references.copy()
+    refs.index = refs.index.astype(str)
+    members = members.assign(eid=members["eid"].astype(str))
+    have = set(members["eid"])
+    folds = list(bundle.meta.get("members_from_folds", range(len(bundle.members))))
+    fold_r2 = bundle.meta.get("cv_fold_r2", {})
+    fold_mae = bundle.meta.get("cv_fold_mae", {})
+    cv_folds = list(bundle.meta.get("cv_folds", folds))
+    rows, per_member, longs = [], [], []
+    for key in bundle.field_keys:
+        y_all = refs[key] if key in refs.columns else pd.Series(dtype=float)
+        eids = sorted(e for e, v in y_all.items() if e in have and np.isfinite(v))
+        y = y_all.reindex(eids).to_numpy(float)
+        means, variances = member_arrays(members, key, eids) if eids else (
+            np.zeros((len(bundle.members), 0)), np.zeros((len(bundle.members), 0)))
+        m_metrics = [_metrics(y, means[k]) for k in range(len(means))]
+        cv_r2 = dict(zip(cv_folds, fold_r2.get(key, []), strict=False))
+        cv_mae = dict(zip(cv_folds, fold_mae.get(key, []), strict=False))
+        for k, (r2, mae) in enumerate(m_metrics):
+            fold = folds[k] if k < len(folds) else k
+            per_member.append({"field": key, "member": k, "fold": fold, "n": len(eids),
+                               "r2": r2, "mae": mae, "cv_r2": cv_r2.get(fold, NAN),
+                               "cv_mae": cv_mae.get(fold, NAN)})
+        mu, amb = ensemble(means, variances, "ambiguity")
+        _mu, mix = ensemble(means, variances, "mixture")
+        r2_lo, r2_hi = _range(fold_r2.get(key, []))
+        mae_lo, mae_hi = _range(fold_mae.get(key, []))
+        r2s, maes = [m[0] for m in m_metrics], [m[1] for m in m_metrics]
+        ens_r2, ens_mae = _metrics(y, mu)
+        cover = {"ambiguity": coverage(y, mu, amb), "mixture": coverage(y, mu, mix)}
+        cv = bundle.meta.get("cv_metrics", {}).get(key, {})
+        rows.append({
+            "field": key, "n": len(eids), "judged": len(eids) >= min_references,
+            "member_r2_min": _range(r2s)[0], "member_r2_max": _range(r2s)[1],
+            "cv_r2_min": r2_lo, "cv_r2_max": r2_hi,
+            "member_mae_min": _range(maes)[0], "member_mae_max": _range(maes)[1],
+            "cv_mae_min": mae_lo, "cv_mae_max": mae_hi,
+            "r2_within_cv": bool(len(eids)) and all(r2_lo <= v <= r2_hi for v in r2s),
+            "mae_within_cv": bool(len(eids)) and all(mae_lo <= v <= mae_hi for v in maes),
+            "ensemble_r2": ens_r2, "ensemble_mae": ens_mae,
+            "cv_r2": cv.get("r2", NAN), "cv_mae": cv.get("mae", NAN),
+            "coverage95_ambiguity": cover["ambiguity"], "coverage95_mixture": cover["mixture"],
+            "coverage95_member0": coverage(y, means[0], variances[0]) if eids else NAN,
+            "rule": bundle.ensemble_rule,
+            "coverage_ok": COVERAGE_BAND[0] <= cover[bundle.ensemble_rule] <= COVERAGE_BAND[1]})
+        longs.append(pd.DataFrame({
+            "eid": eids, "field": key, "reference": y, "prediction": mu,
+            "variance": amb if bundle.ensemble_rule == "ambiguity" else mix,
+            "variance_mixture": mix, "prediction_member0": means[0],
+            "variance_member0": variances[0]}))
+    return pd.DataFrame(rows), pd.DataFrame(per_member), pd.concat(longs, ignore_index=True)
 
 
 def release_curves(long: pd.DataFrame) -> pd.DataFrame:
-    """Calibration curve per field of a release's long table (``field, expected, observed``)."""
+    """Calibration curve per field of a release's long table (``field, expected, observed``,
+    and ``observed_raw``: the mixture's, drawn dashed by
+    :func:`biometry.report.plots.calibration_curves`)."""
     out = []
     for key, t in long.groupby("field", sort=True):
         p, obs = calibration_curve(t["reference"], t["prediction"], t["variance"])
-        out.append(pd.DataFrame({"field": key, "expected": p, "observed": obs}))
+        _p, mix = calibration_curve(t["reference"], t["prediction"], t["variance_mixture"])
+        out.append(pd.DataFrame({"field": key, "expected": p, "observed": obs,
+                                 "observed_raw": mix}))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(
-        columns=["field", "expected", "observed"])
+        columns=["field", "expected", "observed", "observed_raw"])

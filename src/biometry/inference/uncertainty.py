@@ -1,5 +1,6 @@
 """Calibrated uncertainty of mean-variance predictions: variance scaling, intervals, coverage,
-the calibration curve, AUCE, sparsification, and the ensemble of the fold networks.
+the calibration curve, AUCE, sparsification, and the ensemble of the fold networks (the
+ambiguity rule for calibrated members, or the mixture).
 
 Every function takes plain arrays (or the ``predictions.csv`` table of the trainer: ``eid, fold,
 field, reference, prediction, variance``) in the field's unit; nothing here loads a network.
@@ -131,19 +132,62 @@ def ause(curve: pd.DataFrame) -> float:
     return float(np.trapezoid(gap, curve["removed"].to_numpy()) / base) if base > 0 else float("nan")
 
 
-def ensemble(means, variances) -> tuple[np.ndarray, np.ndarray]:
-    """Mixture of K Gaussian predictions (axis 0): mean of the means, and the mixture variance.
+#: how the K calibrated fold networks of a bundle are combined (:func:`ensemble`)
+ENSEMBLE_RULES: tuple[str, ...] = ("ambiguity", "mixture")
+#: the rule the engine uses for calibrated members (docs/inference.md, "The ensemble's calibration")
+DEFAULT_ENSEMBLE_RULE: str = "ambiguity"
 
-    ``μ* = mean_k μ_k``, ``σ*² = mean_k(σ_k² + μ_k²) − μ*²`` (the deep-ensemble mixture of
-    Lakshminarayanan et al. 2017): the average predicted (aleatoric) variance plus the spread of the
-    members' means.
-    """
+
+def _members(means, variances) -> tuple[np.ndarray, np.ndarray]:
     m = np.asarray(means, dtype=np.float64)
     v = np.asarray(variances, dtype=np.float64)
     if m.shape != v.shape or m.ndim < 1 or m.shape[0] < 1:
         raise ValueError(f"means {m.shape} and variances {v.shape} must have the same shape (K, ...)")
+    return m, v
+
+
+def mixture(means, variances) -> tuple[np.ndarray, np.ndarray]:
+    """Mixture of K Gaussian predictions (axis 0): mean of the means, and the mixture variance.
+
+    ``μ* = mean_k μ_k``, ``σ*² = mean_k(σ_k² + μ_k²) − μ*²`` (the deep-ensemble mixture of
+    Lakshminarayanan et al. 2017): the average predicted variance plus the spread of the members'
+    means. Right for members whose variances hold only the aleatoric part; members calibrated
+    on their own errors already hold the spread, so the mixture counts it twice (too wide).
+    """
+    m, v = _members(means, variances)
     mu = m.mean(axis=0)
     return mu, np.maximum(v.mean(axis=0) + (m ** 2).mean(axis=0) - mu ** 2, 0.0)
+
+
+def ambiguity_ensemble(means, variances) -> tuple[np.ndarray, np.ndarray]:
+    """K calibrated members (axis 0) → the mean of the means and the variance of *its* error.
+
+    The ambiguity decomposition (Krogh & Vedelsby 1995): for any reference ``y``,
+    ``mean_k(μ_k − y)² = (μ̄ − y)² + mean_k(μ_k − μ̄)²``. A calibrated member variance estimates
+    that member's full squared error, ``σ_k² ≈ E(μ_k − y)²``, so
+
+        E(μ̄ − y)² = mean_k σ_k² − mean_k(μ_k − μ̄)².
+
+    The spread term is estimated from K draws per subject and can exceed the first; the variance
+    is floored at ``mean_k σ_k² / K`` (what it would be with independent member errors), so it
+    stays positive. For K = 1 it is the member's variance.
+    """
+    m, v = _members(means, variances)
+    mu = m.mean(axis=0)
+    mean_var = v.mean(axis=0)
+    spread = ((m - mu) ** 2).mean(axis=0)
+    return mu, np.maximum(mean_var - spread, mean_var / m.shape[0])
+
+
+def ensemble(means, variances, rule: str = DEFAULT_ENSEMBLE_RULE
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Combine K members (axis 0) by ``rule``: ``"ambiguity"`` (:func:`ambiguity_ensemble`, for
+    calibrated members) or ``"mixture"`` (:func:`mixture`)."""
+    if rule == "ambiguity":
+        return ambiguity_ensemble(means, variances)
+    if rule == "mixture":
+        return mixture(means, variances)
+    raise ValueError(f"unknown ensemble rule {rule!r}; use one of {', '.join(ENSEMBLE_RULES)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +239,10 @@ def calibration_table(table: pd.DataFrame, scales: dict[str, float] | None = Non
     return pd.DataFrame(rows)
 
 
-def ensemble_table(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Combine K prediction tables of the same subjects (one per fold network) into one.
+def ensemble_table(tables: Sequence[pd.DataFrame], rule: str = DEFAULT_ENSEMBLE_RULE
+                   ) -> pd.DataFrame:
+    """Combine K prediction tables of the same subjects (one per fold network) into one by
+    ``rule`` (:func:`ensemble`).
 
     Rows are matched on ``(eid, field)``; a subject/field missing from any member is dropped.
     """
@@ -213,6 +259,6 @@ def ensemble_table(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
             merged = merged.merge(part, on=key)
     k = len(tables)
     mu, var = ensemble(merged[[f"m{i}" for i in range(k)]].to_numpy().T,
-                       merged[[f"v{i}" for i in range(k)]].to_numpy().T)
+                       merged[[f"v{i}" for i in range(k)]].to_numpy().T, rule)
     return pd.DataFrame({"eid": merged["eid"], "field": merged["field"],
                          "reference": merged["reference"], "prediction": mu, "variance": var})

@@ -29,6 +29,7 @@ FIGURE_NOTEBOOKS: tuple[str, ...] = (
     "table_thigh_function",
     "table1_liver_fat",
     "fig02_liver_bland_altman",
+    "fig_later_release",
 )
 #: the figure notebooks of a thigh-function study (a study with a ``thigh:`` block), which has
 #: no per-field training runs: its figures read the ``thigh`` stage instead of 04/05

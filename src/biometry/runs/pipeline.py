@@ -6,7 +6,7 @@ runs, how often (``scope``), and which stages' runs it reads (``needs``):
 * ``"network"``: one run per network and fold (``train``: a field, or a multi-field network);
 * ``"module"``: one run per network, all folds together (``calibrate``);
 * ``"field"``: one run per field of the study (``evaluate``);
-* ``"study"``: one run for the study (``agreement``, ``feature-space``);
+* ``"study"``: one run for the study (``release``, ``agreement``, ``feature-space``);
 * ``"figures"``: every figure notebook of :data:`biometry.runs.figures.FIGURE_NOTEBOOKS`.
 
 Adding a stage is one :class:`Stage` entry here; its notebook takes the standard parameters
@@ -113,6 +113,11 @@ PIPELINE: tuple[Stage, ...] = (
           "per network: variance scaling on the out-of-fold predictions, coverage, AUCE, "
           "sparsification (docs/inference.md)",
           applies=lambda s: s.calibration and s.training.head == "mean_variance"),
+    Stage("release", "09_later_release.ipynb", "study", ("train", "calibrate"),
+          "the study's modules on a later release (the `release:` block; a phantom study's next "
+          "release is synthesised): each fold network against its CV fold, the ensemble's "
+          "coverage (docs/inference.md)",
+          applies=lambda s: s.release is not None and s.training.head == "mean_variance"),
     Stage("saliency", "06_saliency.ipynb", "field", ("train",),
           "per field: guided Grad-CAM aggregated per sex by co-registration (docs/saliency.md)",
           applies=lambda s: bool(_saliency_fields(s)), fields=_saliency_fields,
@@ -128,7 +133,7 @@ PIPELINE: tuple[Stage, ...] = (
           "tables across fields: Table 1, DXA vs MRI, bilateral symmetry", applies=_networks),
     Stage("feature-space", "05_feature_space.ipynb", "study", (),
           "UMAP of the study's reference fields", applies=_several_fields),
-    Stage("figures", None, "figures", ("agreement", "feature-space"),
+    Stage("figures", None, "figures", ("agreement", "feature-space", "release"),
           "every figure and table notebook"),
 )
 

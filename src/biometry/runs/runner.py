@@ -56,7 +56,6 @@ STAGES: dict[str, str] = {
     "saliency": "06_saliency.ipynb",
     "calibrate": "08_calibrate.ipynb",
     "inference": "08_inference.ipynb",
-    "later_release": "09_later_release.ipynb",
 }
 DONE = "done.json"
 FAILED = "failed.json"
