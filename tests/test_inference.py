@@ -175,6 +175,22 @@ def test_pickled_object_where_weights_should_be(bundle_dir, tmp_path, capsys):
         B.load_bundle(d)
 
 
+def test_weights_of_another_network_name_the_file(bundle_dir, tmp_path):
+    d = _copy(bundle_dir, tmp_path)
+    w = d / "weights" / "fold_0.pt"
+    state = torch.load(w, weights_only=True)
+    fc = [k for k in state if k.startswith("fc.")]
+    for k in fc:  # the last layer of a network with one field fewer
+        state[k] = state[k][:-2]
+    torch.save(state, w)
+    meta = json.loads((d / "bundle.json").read_text())
+    meta["files"]["weights/fold_0.pt"] = B.sha256(w)
+    (d / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(B.BundleError, match=r"weights/fold_0.pt does not fit a resnet\d+ "
+                                            r"\(mean_variance head\) with \d+ fields"):
+        B.load_bundle(d)
+
+
 def test_input_folder_with_nothing_usable(bundle_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

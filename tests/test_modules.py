@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from biometry.analysis.evaluate import training_run_dirs
 from biometry.config.study import StudyError, load_study
 from biometry.runs.batch import study_train_specs
 
@@ -20,6 +21,13 @@ def test_mimir2021_trains_four_mean_variance_modules():
     by_unit = {s.field: s.parameters["fields"] for s in specs if s.fold == 0}
     assert {k: tuple(v) for k, v in by_unit.items()} == dict(study.modules)
     assert len(study.networks()) == 4
+    # evaluation, the module stages and the release stage read the modules' own run folders
+    assert study.network_units() == list(study.modules)
+    dirs = training_run_dirs(study, runs_root="/runs")
+    assert {d.parent.name for d in dirs} == set(study.modules)
+    assert len(dirs) == 4 * len(study.train_folds)
+    assert load_study("demo").network_units() == ["all"]
+    assert load_study("liver-demo").network_units() == ["22402"]
 
 
 @pytest.mark.parametrize("modules, message", [

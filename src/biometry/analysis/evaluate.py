@@ -45,11 +45,11 @@ def study_dir(study, runs_root: str | Path | None = None) -> Path:
 
 def training_run_dirs(study, runs_root=None) -> list[Path]:
     """The training run folders of the current study definition:
-    ``<study_dir>/train/<network or field>/fold_<k>`` for its networks and ``train_folds``."""
+    ``<study_dir>/train/<module, network or field>/fold_<k>`` for its networks and
+    ``train_folds``."""
     study = resolve_study(study)
-    units = [study.network_name] if study.multi_field else list(study.fields)
     base = study_dir(study, runs_root) / "train"
-    return [base / u / f"fold_{k}" for u in units for k in study.train_folds]
+    return [base / u / f"fold_{k}" for u in study.network_units() for k in study.train_folds]
 
 
 def study_predictions(study, runs_root=None) -> pd.DataFrame:

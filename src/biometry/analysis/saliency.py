@@ -490,9 +490,7 @@ def study_field_saliency(store: Store, fmt: str, fields_csv: str | os.PathLike,
         message = (f"{layer} is a {grid[0]} x {grid[1]} grid at this input size: each Grad-CAM cell "
                    f"spans 1/{min(grid)} of the image, too coarse to tell left from right; use an "
                    f"earlier layer or a larger input (docs/saliency.md)")
-        warnings.warn(message, stacklevel=2)
-        if progress:
-            progress(f"warning: {message}")
+        warnings.warn(message, stacklevel=2)  # shown once in the notebook's output
     metrics: dict[str, object] = {"layer": layer, "layer_grid": list(grid), "column": int(column),
                                   "signs": signs, "registration_channel": "water", "per_sex": {}}
     references: dict[str, object] = {"method": (

@@ -123,6 +123,13 @@ class Study:
             return [tuple(v) for v in self.modules.values()]
         return [self.fields] if self.multi_field else [(f,) for f in self.fields]
 
+    def network_units(self) -> list[str]:
+        """The names of the study's networks, as their run folders (``train/<unit>/fold_k``) name
+        them: its modules, its one multi-field network (``network_name``), or each field."""
+        if self.modules:
+            return list(self.modules)
+        return [self.network_name] if self.multi_field else list(self.fields)
+
     def train_config(self, **overrides: Any) -> TrainConfig:
         """The training config with overrides (e.g. ``seed=fold``, ``device="cpu"``)."""
         try:

@@ -147,6 +147,19 @@ def read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
 # loading
 
 
+def _load_network(root: Path, weights: str, arch: str, in_channels: int, n_fields: int,
+                  head: str) -> nn.Module:
+    """The network of one weights file of a bundle, in eval mode; a file that does not fit the
+    architecture is one :class:`BundleError` naming it."""
+    model = build_model(arch, in_channels, n_fields, head)
+    try:
+        model.load_state_dict(read_state_dict(root / weights, str(root)))
+    except RuntimeError as exc:
+        raise BundleError(f"{root}: {weights} does not fit a {arch} ({head} head) with "
+                          f"{n_fields} fields ({str(exc).splitlines()[0]})") from None
+    return model.eval()
+
+
 def load_bundle(path: str | os.PathLike) -> Bundle:
     """Load a biometry bundle or an original MIMIR module folder (checks in the module docstring).
 
@@ -191,14 +204,8 @@ def _load_biometry(root: Path) -> Bundle:
             if m["weights"] not in meta.get("files", {}):
                 raise BundleError(f"{root}: weights {m['weights']} have no checksum in "
                                   f"{BUNDLE_JSON}")
-            state = read_state_dict(root / m["weights"], str(root))
-            model = build_model(net["arch"], int(net["in_channels"]), len(keys), net["head"])
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as exc:
-                raise BundleError(f"{root}: {m['weights']} does not fit a {net['arch']} with "
-                                  f"{len(keys)} fields ({str(exc).splitlines()[0]})") from None
-            model.eval()
+            model = _load_network(root, m["weights"], net["arch"], int(net["in_channels"]),
+                                  len(keys), net["head"])
             own = m.get("calibration")
             members.append(Member(model, np.asarray(m["mean"], float), np.asarray(m["std"], float),
                                   None if own is None else np.asarray(own, dtype=np.float64)))
@@ -277,14 +284,7 @@ def load_original_module(path: str | os.PathLike) -> Bundle:
     if len(stand) != t or stand.shape[1] < 2 or len(calib) != t:
         raise BundleError(f"{root}: metadata.txt has {t} targets, standardization_parameters.txt "
                           f"{len(stand)} rows, calibration_factors.txt {len(calib)} rows")
-    state = read_state_dict(root / "snapshot.pth.tar", str(root))
-    model = build_model("resnet50", 3, t, "mean_variance")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise BundleError(f"{root}: snapshot.pth.tar does not fit ResNet50 with fc 2x{t} "
-                          f"({str(exc).splitlines()[0]})") from None
-    model.eval()
+    model = _load_network(root, "snapshot.pth.tar", "resnet50", 3, t, "mean_variance")
     names = [str(n) for n in meta_t["Name"]]
     keys = [_original_key(str(f), n) for f, n in zip(meta_t["Field"], names, strict=True)]
     bundle = Bundle(

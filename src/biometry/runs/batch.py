@@ -119,8 +119,7 @@ def study_train_specs(study, fields: Sequence[str] | None = None,
     bad = [k for k in folds if not 0 <= k < study.folds]
     if bad:
         raise ValueError(f"fold(s) {bad} out of range for {study.folds}-fold study {study.name!r}")
-    modules = dict(getattr(study, "modules", None) or {})
-    units = (list(modules) if modules else [study.network_name]) if study.multi_field else chosen
+    units = study.network_units() if study.multi_field else chosen
     specs = []
     for unit in units:
         for k in folds:
@@ -128,7 +127,7 @@ def study_train_specs(study, fields: Sequence[str] | None = None,
             params = {"study": str(getattr(study, "path", study.name)), "field": unit, "fold": k,
                       **(extra or {})}
             if study.multi_field:
-                params["fields"] = ([k for k in modules[unit] if k in chosen] if modules
-                                    else chosen)
+                params["fields"] = ([f for f in study.modules[unit] if f in chosen]
+                                    if study.modules else chosen)
             specs.append(RunSpec(study.name, "train", params, field=unit, fold=k))
     return specs

@@ -226,12 +226,10 @@ def stage_specs(study: Study, st: Stage, root: Path, data_dir=None,
                         identity=derived_identity(study, st, upstream, root, data, k)
                         if with_identity else None) for k in keys]
     if st.scope == "module":
-        units = (list(study.modules) if study.modules else
-                 [study.network_name] if study.multi_field else list(study.fields))
         return [RunSpec(study.name, st.folder, {**common, "module": u}, field=u,
                         notebook=st.notebook,
                         identity=derived_identity(study, st, upstream, root, data, u)
-                        if with_identity else None) for u in units]
+                        if with_identity else None) for u in study.network_units()]
     if st.scope == "study":
         return [RunSpec(study.name, st.folder, dict(common), notebook=st.notebook,
                         identity=derived_identity(study, st, upstream, root, data)

@@ -62,10 +62,8 @@ def run_release(study, run_dir: str | Path, runs_root=None, data_dir=None, worke
     t0 = time.perf_counter()
     source, fields_csv = release_input(study, runs_root, data_dir, workers, progress)
     t_synth = time.perf_counter() - t0
-    units = list(study.modules) if study.modules else (
-        [study.network_name] if study.multi_field else list(study.fields))
     bundles = []
-    for unit in units:
+    for unit in study.network_units():
         target = run_dir / "bundles" / unit
         shutil.rmtree(target, ignore_errors=True)  # re-exported from the current folds
         bundles.append(load_bundle(export_module(study, unit, target, runs_root=runs_root)))
