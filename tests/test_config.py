@@ -86,6 +86,11 @@ def test_other_errors(tmp_path):
         load_study(_write(tmp_path, epochs=3))
     with pytest.raises(StudyError, match="does not exist"):
         load_study(tmp_path / "missing.yaml")
+    phantom = {"source": "phantom", "subjects": 400, "seed": 0, "scale": 0.35}
+    with pytest.raises(StudyError, match=r"data.thigh_asymmetry must be a number in \[0, 0.5\]"):
+        load_study(_write(tmp_path, data=dict(phantom, thigh_asymmetry=0.9)))
+    assert load_study(_write(tmp_path, data=dict(phantom, thigh_asymmetry=0.1))).data[
+        "thigh_asymmetry"] == 0.1
 
 
 def test_label_counts_and_store_format_checks():

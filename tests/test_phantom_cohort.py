@@ -17,6 +17,7 @@ from biometry.config import fields
 from biometry.config.paths import notebooks_dir
 from biometry.phantom import LABELS, cohort_eids, field_columns, generate_cohort, writer
 from biometry.phantom import main as synth_main
+from biometry.phantom.cohort import sample_fields
 from biometry.runs.notebook import execute_notebook
 
 SEED, SCALE, N = 7, 0.2, 3
@@ -184,6 +185,7 @@ def test_overwrite_with_other_parameters_replaces_the_cohort(tmp_path):
     (["--subjects", "2", "--seed", "-3"], "seed"),
     (["--subjects", "two", "--seed", "1"], "subjects"),
     (["--subjects", "2", "--seed", "1", "--station-format", "dicom"], "station-format"),
+    (["--subjects", "2", "--seed", "1", "--thigh-asymmetry", "0.9"], "thigh_asymmetry"),
 ])
 def test_cli_bad_arguments(tmp_path, capsys, args, message):
     rc = synth_main(["--out", str(tmp_path / "out")] + args)
@@ -214,3 +216,28 @@ def test_cohort_notebook_runs(tmp_path):
     assert executed.is_file()
     assert json.loads((out_dir / "cohort.json").read_text())["complete"] is True
     assert len(pd.read_csv(out_dir / "fields.csv")) == 6
+
+
+def test_thigh_asymmetry_gives_each_side_its_own_information():
+    """The saliency check's cohort option: same people (same stream), thighs less alike; the
+    default stays the UKB-like phantom (r ~ 0.94 between the anterior thighs)."""
+    keys = ["22403-2.0", "22405-2.0"]
+    ukb = sample_fields(80, 5)[0]
+    asym = sample_fields(80, 5, thigh_asymmetry=0.10)[0]
+    assert ukb["eid"].tolist() == asym["eid"].tolist()
+    r_ukb = ukb[keys].dropna().corr().iloc[0, 1]
+    r_asym = asym[keys].dropna().corr().iloc[0, 1]
+    assert r_ukb > 0.9 and r_asym < 0.75, (r_ukb, r_asym)
+    # only the thighs change: the liver fat of a subject is the same
+    np.testing.assert_array_equal(ukb["22402-2.0"].to_numpy(), asym["22402-2.0"].to_numpy())
+
+
+def test_a_later_release_keeps_the_thigh_asymmetry(tmp_path):
+    first = generate_cohort(tmp_path / "a", 1, 1, scale=0.15, progress=False,
+                            thigh_asymmetry=0.10)
+    assert json.loads((first / "cohort.json").read_text())["thigh_asymmetry"] == 0.10
+    later = generate_cohort(tmp_path / "b", 1, 1, scale=0.15, progress=False,
+                            later_release_of=first)
+    assert json.loads((later / "cohort.json").read_text())["thigh_asymmetry"] == 0.10
+    plain = generate_cohort(tmp_path / "c", 1, 1, scale=0.15, progress=False)
+    assert "thigh_asymmetry" not in json.loads((plain / "cohort.json").read_text())

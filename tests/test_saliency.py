@@ -274,3 +274,64 @@ def test_layer_grid_is_the_gradcam_resolution_of_the_network_input():
     assert min(saliency.layer_grid(net, "layer4", (2, 256, 256), pre((64, 64)))) < saliency.MIN_GRID
     with pytest.raises(ValueError, match="no layer 'layer9'"):
         saliency.layer_grid(net, "layer9", (2, 64, 64))
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage on a small run: networks that see one region only, the Done-when figures
+
+
+class SeesOnly(nn.Module):
+    """A random ResNet18 that sees only ``mask`` of its input: its saliency can fall nowhere else."""
+
+    def __init__(self, mask: np.ndarray, seed: int):
+        super().__init__()
+        from biometry.learn.models import build_model
+
+        self.net = build_model("resnet18", in_channels=2, n_outputs=1, seed=seed).eval()
+        self.register_buffer("mask", torch.from_numpy(mask.astype(np.float32))[None, None])
+
+    def forward(self, x):
+        return self.net(x * self.mask)
+
+
+def test_the_stage_reports_where_a_network_looks(finished_study, tmp_path):
+    """The stage (what notebook 06 runs) on a small phantom run, with networks whose answer is
+    known: one sees only the subjects' left anterior thighs (coronal view), one only the right,
+    one only the livers. Through guided Grad-CAM, registration to each sex's reference, the
+    aggregate and the reference's footprints, metrics.json must show the issue's figures:
+    left/right >= 2 (and <= 1/2 for the right), liver density >= 3x the body's."""
+    from functools import partial
+
+    from biometry.data.store import Store
+
+    study, runs = finished_study
+    base = runs / "explore_tiny"
+    cohort, store = base / "data" / "cohort", Store.open(base / "data" / "prepared")
+    prints = [phantom.subject_footprints(cohort, e) for e in store.eids]
+    union = {k: np.any([fp[k] for fp, _ in prints], axis=0) for k in prints[0][0]}
+    coronal = np.zeros_like(union["body"])
+    coronal[:, : min(split for _, split in prints)] = True
+    left, right = union["thigh_anterior_left"], union["thigh_anterior_right"]
+    # where no subject's other thigh is: the unions touch where the subjects' thighs lie
+    masks = {"left": left & ~right & coronal, "right": right & ~left & coronal,
+             "liver": union["liver"]}
+    size = (64, 64)  # the network input, as in the demo (the masks: blocks wholly inside)
+    pre = partial(saliency.default_preprocess, input_size=size)
+    found = {}
+    for i, (name, mask) in enumerate(masks.items()):
+        model = SeesOnly(mask.reshape(size[0], 4, size[1], 4).all(axis=(1, 3)), seed=i)
+        out = tmp_path / name
+        metrics = saliency.study_field_saliency(
+            store, "projection", cohort / "fields.csv", base / "splits.csv",
+            {0: (model, pre), 1: (model, pre)}, 0, out, tmp_path / "registration",
+            layer="net.layer2", n_subjects=5, footprints=partial(phantom.subject_footprints, cohort),
+            progress=None)
+        assert (out / "aggregate_female.npy").is_file() and (out / "metrics.json").is_file()
+        found[name] = {s: m["anatomy"] for s, m in metrics["per_sex"].items()}
+    print({n: {s: (round(a["thigh_left_right_ratio"], 2), round(a["liver_body_density_ratio"], 2)) for s, a in v.items()} for n, v in found.items()})
+    for sex in saliency.SEXES:
+        assert found["left"][sex]["thigh_left_right_ratio"] >= 2, found["left"][sex]
+        assert found["right"][sex]["thigh_left_right_ratio"] <= 0.5, found["right"][sex]
+        assert found["liver"][sex]["liver_body_density_ratio"] >= 3, found["liver"][sex]
+        # and the other way round: a thigh network does not look at the liver
+        assert found["left"][sex]["liver_body_density_ratio"] < 1

@@ -291,6 +291,12 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
     data = dict(raw["data"] or {})
     if data.get("source") not in ("phantom", "ukb"):
         raise StudyError(f"{where}: data.source must be 'phantom' or 'ukb'")
+    if "thigh_asymmetry" in data:  # the phantom's option (docs/phantom.md)
+        asym = data["thigh_asymmetry"]
+        if data["source"] != "phantom" or isinstance(asym, bool) or not isinstance(
+                asym, (int, float)) or not 0 <= asym <= 0.5:
+            raise StudyError(f"{where}: data.thigh_asymmetry must be a number in [0, 0.5] "
+                             f"for a phantom study, got {asym!r}")
     stratify = raw.get("stratify")
     if stratify is not None:
         stratify = "31" if str(stratify) == "sex" else str(stratify)

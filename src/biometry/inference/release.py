@@ -6,6 +6,12 @@ Fig. 2 made apples to apples, plus the intervals:
 * **members**: each fold network alone on the release (R², MAE) against the same fold's
   validation metrics in the cross-validation. A fold network on new subjects is what the CV
   measured; the folds' min-max range is the spread the release metrics should fall in.
+* **consistency**: the range of 3 folds is narrow, and every fold is drawn from the same cohort,
+  so it cannot show the cohort's own sampling luck (on the phantom, the demo cohort's grip-strength
+  noise is lighter than a later release's: docs/inference.md §5). With the out-of-fold
+  predictions (``oof``), :func:`bootstrap_difference` gives the release metric (mean over the
+  members) minus the pooled CV metric with a 95 % bootstrap interval that resamples the subjects
+  of both; ``r2_consistent`` / ``mae_consistent``: the interval holds 0.
 * **ensemble**: the mean of the members (R², MAE), better than any member, so it is *not*
   compared with the folds' range; and the coverage of its calibrated 95 % intervals by the
   ambiguity rule and by the mixture (:func:`biometry.inference.uncertainty.ensemble`), next to
@@ -52,8 +58,59 @@ def member_arrays(members: pd.DataFrame, key: str, eids: list[str]
     return mean[eids].to_numpy(float), var[eids].to_numpy(float)
 
 
+def _r2_mae(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """R² and MAE along the last axis (y (..., n), pred broadcastable)."""
+    res = y - pred
+    ss_tot = np.square(y - y.mean(axis=-1, keepdims=True)).sum(axis=-1)
+    return 1.0 - np.square(res).sum(axis=-1) / ss_tot, np.abs(res).mean(axis=-1)
+
+
+def bootstrap_difference(y_release: np.ndarray, members: np.ndarray, y_cv: np.ndarray,
+                         oof: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> dict[str, float]:
+    """Release metric minus CV metric, with a percentile bootstrap interval.
+
+    Parameters
+    ----------
+    y_release, members : the release's references (n,) and the members' means (K, n); the release
+        metric is the members' mean metric (a fold network on new subjects, as the CV measured).
+    y_cv, oof : the cohort's references and out-of-fold means (m,), pooled over the folds.
+    n_boot, seed : resamples (subjects with replacement, of both sets independently), generator.
+
+    Returns
+    -------
+    ``r2_diff``, ``r2_diff_lo``, ``r2_diff_hi``, ``mae_diff``, ``mae_diff_lo``, ``mae_diff_hi``
+    (NaN when either set has fewer than 3 subjects).
+    """
+    y_release, members = np.asarray(y_release, float), np.atleast_2d(np.asarray(members, float))
+    y_cv, oof = np.asarray(y_cv, float), np.asarray(oof, float)
+    keys = [f"{m}_diff{s}" for m in ("r2", "mae") for s in ("", "_lo", "_hi")]
+    if len(y_release) < 3 or len(y_cv) < 3:
+        return dict.fromkeys(keys, NAN)
+    rng = np.random.default_rng(seed)
+    out: dict[str, float] = {}
+    r2_rel, mae_rel = (v.mean() for v in _r2_mae(y_release, members))
+    r2_cv, mae_cv = _r2_mae(y_cv, oof)
+    point = {"r2": r2_rel - r2_cv, "mae": mae_rel - mae_cv}
+    boot = {"r2": [], "mae": []}
+    for s in range(0, n_boot, 250):  # bounded memory: K x 250 x n at a time
+        b = min(250, n_boot - s)
+        i = rng.integers(0, len(y_release), (b, len(y_release)))
+        j = rng.integers(0, len(y_cv), (b, len(y_cv)))
+        r2_r, mae_r = _r2_mae(y_release[i][None], members[:, i])
+        r2_c, mae_c = _r2_mae(y_cv[j], oof[j])
+        boot["r2"].append(r2_r.mean(axis=0) - r2_c)
+        boot["mae"].append(mae_r.mean(axis=0) - mae_c)
+    tail = 100 * (1 - level) / 2
+    for m in ("r2", "mae"):
+        lo, hi = np.percentile(np.concatenate(boot[m]), [tail, 100 - tail])
+        out.update({f"{m}_diff": float(point[m]), f"{m}_diff_lo": float(lo),
+                    f"{m}_diff_hi": float(hi)})
+    return out
+
+
 def compare_release(members: pd.DataFrame, references: pd.DataFrame, bundle: Bundle,
-                    min_references: int = 100
+                    min_references: int = 100, oof: pd.DataFrame | None = None, seed: int = 0
                     ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per field of ``bundle``: members against the CV folds, the ensemble and its coverage.
 
@@ -63,6 +120,9 @@ def compare_release(members: pd.DataFrame, references: pd.DataFrame, bundle: Bun
         variances calibrated).
     references : the release's references, eid index, one column per field key.
     min_references : fields with fewer references are listed but not judged.
+    oof : the module's out-of-fold predictions (``field, reference, prediction``, pooled over the
+        folds; :func:`biometry.inference.export.oof_predictions`): adds the bootstrap comparison.
+    seed : the bootstrap's generator.
 
     Returns
     -------
@@ -71,7 +131,8 @@ def compare_release(members: pd.DataFrame, references: pd.DataFrame, bundle: Bun
         ``r2_within_cv``/``mae_within_cv`` (every member inside the folds' range); the
         ensemble's ``ensemble_r2``, ``ensemble_mae``; ``coverage95_ambiguity``,
         ``coverage95_mixture``, ``coverage95_member0``; ``rule`` (the bundle's) and
-        ``coverage_ok`` (that rule's coverage in :data:`COVERAGE_BAND`).
+        ``coverage_ok`` (that rule's coverage in :data:`COVERAGE_BAND`); with ``oof``, the
+        columns of :func:`bootstrap_difference` and ``r2_consistent`` / ``mae_consistent``.
     per_member : ``field, member, fold, n, r2, mae, cv_r2, cv_mae`` (each member against its fold).
     long : ``eid, field, reference, prediction, variance`` (the bundle's rule),
         ``variance_mixture``, ``prediction_member0``, ``variance_member0``: for plots.
@@ -107,6 +168,14 @@ def compare_release(members: pd.DataFrame, references: pd.DataFrame, bundle: Bun
         ens_r2, ens_mae = _metrics(y, mu)
         cover = {"ambiguity": coverage(y, mu, amb), "mixture": coverage(y, mu, mix)}
         cv = bundle.meta.get("cv_metrics", {}).get(key, {})
+        boot: dict[str, object] = {}
+        if oof is not None:
+            t = oof[(oof["field"].astype(str) == key) & oof["reference"].notna()
+                    & oof["prediction"].notna()]
+            boot = bootstrap_difference(y, means, t["reference"].to_numpy(float),
+                                        t["prediction"].to_numpy(float), seed=seed)
+            for m in ("r2", "mae"):
+                boot[f"{m}_consistent"] = bool(boot[f"{m}_diff_lo"] <= 0 <= boot[f"{m}_diff_hi"])
         rows.append({
             "field": key, "n": len(eids), "judged": len(eids) >= min_references,
             "member_r2_min": _range(r2s)[0], "member_r2_max": _range(r2s)[1],
@@ -120,7 +189,8 @@ def compare_release(members: pd.DataFrame, references: pd.DataFrame, bundle: Bun
             "coverage95_ambiguity": cover["ambiguity"], "coverage95_mixture": cover["mixture"],
             "coverage95_member0": coverage(y, means[0], variances[0]) if eids else NAN,
             "rule": bundle.ensemble_rule,
-            "coverage_ok": COVERAGE_BAND[0] <= cover[bundle.ensemble_rule] <= COVERAGE_BAND[1]})
+            "coverage_ok": COVERAGE_BAND[0] <= cover[bundle.ensemble_rule] <= COVERAGE_BAND[1],
+            **boot})
         longs.append(pd.DataFrame({
             "eid": eids, "field": key, "reference": y, "prediction": mu,
             "variance": amb if bundle.ensemble_rule == "ambiguity" else mix,

@@ -177,12 +177,35 @@ ADIPOSE = (0.92 * 0.85, 0.92 * 0.15, 0.0)
 BONE = (0.25, 0.85, 0.35)
 
 
-def draw_parameters(rng: np.random.Generator) -> dict[str, float]:
+#: SD of the left/right thigh-muscle asymmetry of the default (UKB-like) phantom: the two
+#: anterior thighs correlate at r ~ 0.94, as in UKB
+THIGH_ASYMMETRY_SD = 0.02
+
+
+def check_thigh_asymmetry(sd: float) -> float:
+    """``sd`` as a float in [0, 0.5], else ValueError naming it."""
+    try:
+        sd = float(sd)
+    except (TypeError, ValueError):
+        raise ValueError(f"thigh_asymmetry must be a number, got {sd!r}") from None
+    if not 0.0 <= sd <= 0.5:
+        raise ValueError(f"thigh_asymmetry must be in [0, 0.5] (SD of the relative left/right "
+                         f"difference of thigh muscle), got {sd}")
+    return sd
+
+
+def draw_parameters(rng: np.random.Generator,
+                    thigh_asymmetry: float = THIGH_ASYMMETRY_SD) -> dict[str, float]:
     """Draw one subject's demographic and latent body parameters.
 
     Marginals follow the UKB imaging cohort (age 44–82, mean 64, SD 7.5; 52 % male; BMI mean
     about 27, SD 4.3; liver fat median about 2 %, 20 % above 5.5 %). Returns a flat dict of
     floats: lengths in mm, fractions in [0, 1], masses in kg.
+
+    ``thigh_asymmetry`` is the SD of the relative left/right difference of thigh muscle
+    (default :data:`THIGH_ASYMMETRY_SD`, UKB-like); a larger value (0.10 in the
+    ``saliency-check`` study) gives each side information of its own, so a network for one
+    thigh has a reason to look at that side. The random stream is the same for any value.
     """
     p: dict[str, float] = {}
     male = float(rng.random() < 0.52)
@@ -215,7 +238,7 @@ def draw_parameters(rng: np.random.Generator) -> dict[str, float]:
     for region in ("trunk", "legs", "arms"):
         p[f"lean_{region}"] = float(np.clip(rng.normal(1.0, 0.035), 0.85, 1.15))
     # left/right asymmetry of thigh muscle (+: left larger), occasional strong atrophy
-    p["thigh_asym"] = float(rng.normal(0.0, 0.02))
+    p["thigh_asym"] = float(check_thigh_asymmetry(thigh_asymmetry) * rng.normal(0.0, 1.0))
     p["atrophy_side"] = 0.0
     p["atrophy_factor"] = 1.0
     if rng.random() < 0.03:

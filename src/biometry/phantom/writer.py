@@ -192,8 +192,10 @@ def read_record(root: Path, eid: str, key: dict | None = None) -> dict | None:
 
 
 def _generate_one(root: str, eid: str, seed: int, scale: float, station_format: str,
-                  key: dict, protocol: str = "ukb") -> str:
-    subject = cohort.make_subject(eid, seed, scale, stations=True, protocol=protocol)
+                  key: dict, protocol: str = "ukb",
+                  thigh_asymmetry: float = anatomy.THIGH_ASYMMETRY_SD) -> str:
+    subject = cohort.make_subject(eid, seed, scale, stations=True, protocol=protocol,
+                                  thigh_asymmetry=thigh_asymmetry)
     write_subject(Path(root), subject, station_format, key)
     return eid
 
@@ -230,7 +232,8 @@ def _clear(root: Path, keep_eids: set[str] | None) -> None:
 def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scale: float = 1.0,
                     workers: int = 1, overwrite: bool = False, station_format: str = "nifti",
                     progress: bool = True, external: bool = False,
-                    later_release_of: str | os.PathLike | None = None) -> Path:
+                    later_release_of: str | os.PathLike | None = None,
+                    thigh_asymmetry: float | None = None) -> Path:
     """Generate a phantom cohort that looks like a UKB release (layout in the module docstring).
 
     Parameters
@@ -252,6 +255,9 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
     later_release_of : a phantom cohort folder: write its next release instead, with the same
         protocol (``scale``) and new subjects whose eids are disjoint from it and from the releases
         before it (recorded in ``cohort.json``: ``release``, ``earlier_eids``).
+    thigh_asymmetry : SD of the relative left/right thigh-muscle difference; None: the UKB-like
+        default (:data:`biometry.phantom.anatomy.THIGH_ASYMMETRY_SD`), or for a later release
+        that of the cohort it follows. Another value is recorded in ``cohort.json``.
 
     Returns
     -------
@@ -264,6 +270,8 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
     if int(seed) != seed or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     scale = anatomy.check_scale(scale)
+    if thigh_asymmetry is not None:  # before anything is written
+        anatomy.check_thigh_asymmetry(thigh_asymmetry)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if station_format not in STATION_FORMATS:
@@ -282,7 +290,14 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
         if Path(later_release_of).resolve() == root.resolve():
             raise ValueError(f"{root}: a later release needs its own folder")
         release, earlier = earlier_release(later_release_of, scale)
+        if thigh_asymmetry is None:  # the protocol of the release it follows
+            thigh_asymmetry = json.loads((Path(later_release_of) / "cohort.json").read_text()).get(
+                "thigh_asymmetry")
+    asym = anatomy.check_thigh_asymmetry(
+        anatomy.THIGH_ASYMMETRY_SD if thigh_asymmetry is None else thigh_asymmetry)
     key = _cohort_key(seed, scale, station_format, release)
+    if asym != anatomy.THIGH_ASYMMETRY_SD:  # only then: a default cohort's key stays as it was
+        key["thigh_asymmetry"] = asym
     protocol = "external" if external else "ukb"
     if external:  # only then: a UKB cohort's key (and cohort.json) stays as it was
         key["protocol"] = protocol
@@ -312,13 +327,14 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
     try:
         if workers == 1 or len(todo) <= 1:
             for i, e in todo:
-                _generate_one(str(root), e, seed_of(seed, i), scale, station_format, key, protocol)
+                _generate_one(str(root), e, seed_of(seed, i), scale, station_format, key, protocol,
+                              asym)
                 if bar is not None:
                     bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as ex:
                 futs = [ex.submit(_generate_one, str(root), e, seed_of(seed, i), scale,
-                                  station_format, key, protocol) for i, e in todo]
+                                  station_format, key, protocol, asym) for i, e in todo]
                 for fut in as_completed(futs):
                     fut.result()
                     if bar is not None:
@@ -382,6 +398,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--later-release-of", metavar="DIR", default=None,
                     help="write the next release of the phantom cohort in DIR: same protocol, "
                          "new subjects with eids disjoint from it")
+    ap.add_argument("--thigh-asymmetry", type=float, default=None, metavar="SD",
+                    help="SD of the relative left/right thigh-muscle difference (default 0.02, "
+                         "UKB-like; the saliency check uses 0.10)")
     return ap.parse_args(argv)
 
 
@@ -402,7 +421,7 @@ def _main(argv: list[str]) -> int:
         generate_cohort(out, a.subjects, a.seed, scale=a.scale, workers=a.workers,
                         overwrite=a.overwrite, station_format=a.station_format,
                         progress=not a.no_progress, external=a.external,
-                        later_release_of=a.later_release_of)
+                        later_release_of=a.later_release_of, thigh_asymmetry=a.thigh_asymmetry)
     except (ValueError, FileExistsError) as exc:
         raise UsageError(str(exc)) from None
     print(f"phantom cohort of {a.subjects} subjects written to {out}")

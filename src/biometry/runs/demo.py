@@ -53,7 +53,8 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
     _stage(RunSpec(study.name, "phantom", {
         "out_dir": str(paths.cohort), "subjects": int(data.get("subjects", 300)),
         "seed": int(data.get("seed", 0)), "scale": float(data.get("scale", 0.5)),
-        "workers": data_workers}), root, force)
+        "workers": data_workers, **({"thigh_asymmetry": float(data["thigh_asymmetry"])}
+                                    if "thigh_asymmetry" in data else {})}), root, force)
     _stage(RunSpec(study.name, "prepare", {
         "input_dir": str(paths.cohort), "out_dir": str(paths.prepared),
         "formats": [study.format], "workers": data_workers}), root, force)

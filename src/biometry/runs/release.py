@@ -30,7 +30,7 @@ from biometry.config.study import data_paths, resolve_study, study_path
 from biometry.data.tables import references_from_fields_csv
 from biometry.inference.bundle import load_bundle
 from biometry.inference.engine import infer
-from biometry.inference.export import export_module
+from biometry.inference.export import export_module, oof_predictions, train_dir
 from biometry.inference.release import compare_release
 from biometry.phantom import generate_cohort
 
@@ -73,9 +73,10 @@ def run_release(study, run_dir: str | Path, runs_root=None, data_dir=None, worke
     keys = [k for b in bundles for k in b.field_keys]
     refs = references_from_fields_csv(fields_csv, keys)
     tables, per_member, longs = [], [], []
-    for b in bundles:
+    for unit, b in zip(study.network_units(), bundles, strict=True):
         mine = result.members[result.members["model"] == str(b.path)]
-        table, members, long = compare_release(mine, refs, b, min_references)
+        oof = oof_predictions(train_dir(study, unit, runs_root))
+        table, members, long = compare_release(mine, refs, b, min_references, oof=oof)
         tables.append(table.assign(module=b.name))
         per_member.append(members.assign(module=b.name))
         longs.append(long)
@@ -97,6 +98,8 @@ def run_release(study, run_dir: str | Path, runs_root=None, data_dir=None, worke
         "coverage_ok": judged.loc[judged["coverage_ok"], "field"].tolist(),
         "members_within_cv": judged.loc[judged["r2_within_cv"] & judged["mae_within_cv"],
                                         "field"].tolist(),
+        "consistent_with_cv": judged.loc[judged["r2_consistent"] & judged["mae_consistent"],
+                                         "field"].tolist(),
     }
     fileio.write_json(run_dir / "metrics.json", metrics)
     return metrics
