@@ -239,5 +239,10 @@ def test_a_later_release_keeps_the_thigh_asymmetry(tmp_path):
     later = generate_cohort(tmp_path / "b", 1, 1, scale=0.15, progress=False,
                             later_release_of=first)
     assert json.loads((later / "cohort.json").read_text())["thigh_asymmetry"] == 0.10
+    with pytest.raises(ValueError, match="has thigh_asymmetry 0.1, this one 0.3; a later release "
+                                         "keeps the protocol"):
+        generate_cohort(tmp_path / "d", 1, 1, scale=0.15, progress=False,
+                        later_release_of=first, thigh_asymmetry=0.3)
+    assert not (tmp_path / "d" / "cohort.json").exists()
     plain = generate_cohort(tmp_path / "c", 1, 1, scale=0.15, progress=False)
     assert "thigh_asymmetry" not in json.loads((plain / "cohort.json").read_text())

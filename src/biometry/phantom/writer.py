@@ -107,10 +107,12 @@ def _cohort_key(seed: int, scale: float, station_format: str, release: int = 1) 
             "version": PHANTOM_VERSION, "code": code_fingerprint(), "release": int(release)}
 
 
-def earlier_release(root: str | os.PathLike, scale: float) -> tuple[int, list[str]]:
-    """The release number that follows the phantom cohort at ``root``, and the eids to avoid (its
-    own and those of the releases before it). Raises ValueError naming the folder when it is not
-    a complete phantom cohort or was made with another ``scale`` (the protocol must match)."""
+def earlier_release(root: str | os.PathLike, scale: float,
+                    thigh_asymmetry: float | None = None) -> tuple[int, list[str], float]:
+    """The release number that follows the phantom cohort at ``root``, the eids to avoid (its
+    own and those of the releases before it) and the protocol's thigh asymmetry. Raises
+    ValueError naming the folder when it is not a complete phantom cohort or was made with
+    another protocol (``scale``, or a ``thigh_asymmetry`` given and different)."""
     root = Path(root)
     try:
         meta = json.loads((root / "cohort.json").read_text())
@@ -123,8 +125,12 @@ def earlier_release(root: str | os.PathLike, scale: float) -> tuple[int, list[st
     if abs(float(meta.get("scale", -1)) - float(scale)) > 1e-9:
         raise ValueError(f"{root}: the earlier release has scale {meta.get('scale')}, this one "
                          f"{scale}; a later release keeps the protocol")
+    asym = float(meta.get("thigh_asymmetry", anatomy.THIGH_ASYMMETRY_SD))
+    if thigh_asymmetry is not None and abs(float(thigh_asymmetry) - asym) > 1e-12:
+        raise ValueError(f"{root}: the earlier release has thigh_asymmetry {asym}, this one "
+                         f"{thigh_asymmetry}; a later release keeps the protocol")
     earlier = sorted(set(eids) | set(meta.get("earlier_eids", [])))
-    return int(meta.get("release", 1)) + 1, earlier
+    return int(meta.get("release", 1)) + 1, earlier, asym
 
 
 def write_subject(root: Path, subject: Subject, station_format: str, key: dict) -> None:
@@ -257,7 +263,8 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
         before it (recorded in ``cohort.json``: ``release``, ``earlier_eids``).
     thigh_asymmetry : SD of the relative left/right thigh-muscle difference; None: the UKB-like
         default (:data:`biometry.phantom.anatomy.THIGH_ASYMMETRY_SD`), or for a later release
-        that of the cohort it follows. Another value is recorded in ``cohort.json``.
+        that of the cohort it follows (another value than that one is refused, like another
+        ``scale``). A value other than the default is recorded in ``cohort.json``.
 
     Returns
     -------
@@ -289,10 +296,9 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
             raise ValueError("an external cohort has no later release")
         if Path(later_release_of).resolve() == root.resolve():
             raise ValueError(f"{root}: a later release needs its own folder")
-        release, earlier = earlier_release(later_release_of, scale)
-        if thigh_asymmetry is None:  # the protocol of the release it follows
-            thigh_asymmetry = json.loads((Path(later_release_of) / "cohort.json").read_text()).get(
-                "thigh_asymmetry")
+        # the protocol of the release it follows, thigh asymmetry included
+        release, earlier, thigh_asymmetry = earlier_release(later_release_of, scale,
+                                                            thigh_asymmetry)
     asym = anatomy.check_thigh_asymmetry(
         anatomy.THIGH_ASYMMETRY_SD if thigh_asymmetry is None else thigh_asymmetry)
     key = _cohort_key(seed, scale, station_format, release)
