@@ -76,3 +76,22 @@ def test_jobqueue_cluster_from_study_settings():
     assert "#SBATCH -p gpu" in script and "--gres=gpu:1" in script and "24:00:00" in script
     with pytest.raises(ValueError, match="unknown jobqueue kind"):
         batch.make_jobqueue_cluster({"kind": "mainframe"})
+
+
+def test_figures_are_the_ones_a_study_can_draw():
+    """`biometry figures` builds a notebook only for a study that has what it draws: the liver
+    table and panels for a `liver:` block, the later-release figure for a `release:` block, the
+    UMAP for two fields or more, the thigh table for a thigh study and nothing else there."""
+    from biometry.config.study import load_study
+    from biometry.runs.figures import FIGURE_NOTEBOOKS, figure_notebooks
+
+    demo = figure_notebooks(load_study("demo"))  # release: yes, liver: no
+    assert "fig_later_release" in demo and "fig02_umap" in demo
+    assert not {"table1_liver_fat", "fig02_liver_bland_altman", "table_thigh_function"} & set(demo)
+    liver = figure_notebooks(load_study("liver-demo"))  # one field, a liver block, no release
+    assert {"table1_liver_fat", "fig02_liver_bland_altman"} <= set(liver)
+    assert "fig02_umap" not in liver and "fig_later_release" not in liver
+    assert figure_notebooks(load_study("thigh-demo")) == ["table_thigh_function"]
+    scirep = figure_notebooks(load_study("scirep2020"))
+    assert scirep == [nb for nb in FIGURE_NOTEBOOKS if nb in scirep]  # the build order is kept
+    assert "fig_later_release" not in scirep and "fig04_saliency" in scirep

@@ -11,7 +11,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dask.distributed import Client, LocalCluster, as_completed
 from tqdm.auto import tqdm
 
 from biometry.config import fields as catalogue
@@ -21,6 +20,7 @@ from biometry.runs.runner import RunResult, RunSpec, execute_run, is_finished, r
 
 def _executor_client(workers: int, scheduler: str | None, jobqueue: dict | None):
     """A dask Client: a running scheduler, a dask-jobqueue cluster, or a local cluster."""
+    from dask.distributed import Client, LocalCluster  # here: a figure notebook needs no dask
     if scheduler:
         return Client(scheduler)
     if jobqueue:
@@ -72,6 +72,8 @@ def run_batch(specs: Sequence[RunSpec], root: str | os.PathLike | None = None, w
             results.append(execute_run(spec, root, force=force))
             bar.update()
     else:
+        from dask.distributed import as_completed  # with the cluster only (see above)
+
         with _executor_client(workers, scheduler, jobqueue) as client:
             futures = [client.submit(execute_run, spec, root, force, pure=False, key=f"run-{i}")
                        for i, spec in enumerate(todo)]

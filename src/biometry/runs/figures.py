@@ -36,6 +36,19 @@ FIGURE_NOTEBOOKS: tuple[str, ...] = (
 THIGH_FIGURES: tuple[str, ...] = ("table_thigh_function",)
 #: figure notebooks that read the feature-space stage (left out for a one-field study)
 FEATURE_SPACE_NOTEBOOKS: tuple[str, ...] = ("fig02_umap",)
+#: figure notebooks of one kind of study: built only when the study has that block (a notebook
+#: run by hand on another study says it has nothing to draw)
+ONLY_WITH_BLOCK: dict[str, str] = {"table1_liver_fat": "liver", "fig02_liver_bland_altman": "liver",
+                                   "fig_later_release": "release"}
+
+
+def figure_notebooks(study) -> list[str]:
+    """The figure notebooks that apply to a loaded study, in the order they are built."""
+    several = len(study.fields) > 1  # a UMAP of the fields needs two of them
+    return [nb for nb in FIGURE_NOTEBOOKS
+            if (nb in THIGH_FIGURES) == bool(study.thigh)
+            and (several or nb not in FEATURE_SPACE_NOTEBOOKS)
+            and (nb not in ONLY_WITH_BLOCK or getattr(study, ONLY_WITH_BLOCK[nb]) is not None)]
 
 
 def figures_dir_for(study: str, figures_root: str | Path | None = None) -> Path:
@@ -55,14 +68,11 @@ def build_figures(study: str, runs_root: str | Path | None = None,
     name, study = loaded.name, str(loaded.path)
     runs_root = Path(runs_root) if runs_root else default_runs_root(loaded)
     common = {"study": study, "runs_root": str(runs_root)}
-    # a UMAP of the fields needs two of them: a one-field study (liver) has no feature space
-    several = len(loaded.fields) > 1
     if loaded.thigh:
         stages = ("thigh",)
-    else:
-        stages = ("agreement", "feature_space") if several else ("agreement",)
-    notebooks = [nb for nb in FIGURE_NOTEBOOKS if (nb in THIGH_FIGURES) == bool(loaded.thigh)
-                 and (several or nb not in FEATURE_SPACE_NOTEBOOKS)]
+    else:  # a one-field study (liver) has no feature space
+        stages = ("agreement", "feature_space") if len(loaded.fields) > 1 else ("agreement",)
+    notebooks = figure_notebooks(loaded)
     for stage in stages if analyses or loaded.thigh else ():
         # the analyses are cheap next to training: re-run them so the figures match the runs
         # (the thigh study trains networks: run it only when it has not finished)

@@ -7,7 +7,8 @@ runs, how often (``scope``), and which stages' runs it reads (``needs``):
 * ``"module"``: one run per network, all folds together (``calibrate``);
 * ``"field"``: one run per field of the study (``evaluate``);
 * ``"study"``: one run for the study (``release``, ``agreement``, ``feature-space``);
-* ``"figures"``: every figure notebook of :data:`biometry.runs.figures.FIGURE_NOTEBOOKS`.
+* ``"figures"``: the figure notebooks that apply to the study
+  (:func:`biometry.runs.figures.figure_notebooks`).
 
 Adding a stage is one :class:`Stage` entry here; its notebook takes the standard parameters
 ``study``, ``runs_root``, ``data_dir``, ``run_dir`` (and ``field`` for a per-field stage).

@@ -36,7 +36,6 @@ from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from biometry import fileio
@@ -183,6 +182,8 @@ def provenance() -> dict[str, Any]:
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
     try:
+        import torch  # here, not at the top: the figure notebooks import this module, not torch
+
         info["device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
         info["torch_threads"] = torch.get_num_threads()
     except Exception:  # pragma: no cover - torch is a dependency
