@@ -7,6 +7,7 @@ import yaml
 
 from biometry.config import study as config
 from biometry.config.study import StudyError, load_study, new_study
+from biometry.runs.pipeline import PIPELINE
 
 PRESETS = ["demo", "liver2020", "mimir2021", "scirep2020", "thigh2024"]
 
@@ -137,3 +138,13 @@ def test_saliency_block_names_its_gradcam_layer(tmp_path):
     bad = line.replace("layer3", "layer9")
     with pytest.raises(StudyError, match="saliency.layer 'layer9' is not one of layer4, layer3"):
         load_study(_write_text(tmp_path / "b.yaml", text.replace(line, bad)))
+    # occlusion is off unless asked for, and then reaches the stage's notebook
+    assert "occlusion" not in demo.saliency
+    stage = next(s for s in PIPELINE if s.name == "saliency")
+    assert "occlusion" not in stage.parameters(demo)
+    asked = load_study(_write_text(tmp_path / "c.yaml", text.replace(line, line.replace(
+        "layer: layer3", "layer: layer3, occlusion: true"))))
+    assert asked.saliency["occlusion"] is True and stage.parameters(asked)["occlusion"] is True
+    with pytest.raises(StudyError, match="saliency.occlusion must be true or false, got 'yes'"):
+        load_study(_write_text(tmp_path / "d.yaml", text.replace(line, line.replace(
+            "layer: layer3", "layer: layer3, occlusion: 'yes'"))))

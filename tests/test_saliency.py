@@ -276,6 +276,40 @@ def test_layer_grid_is_the_gradcam_resolution_of_the_network_input():
         saliency.layer_grid(net, "layer9", (2, 64, 64))
 
 
+class SumOf(nn.Module):
+    """y = the sum of channel 0 over rows and columns ``box`` (a known occlusion answer)."""
+
+    def __init__(self, rows: slice, cols: slice):
+        super().__init__()
+        self.rows, self.cols = rows, cols
+
+    def forward(self, x):
+        return x[:, 0, self.rows, self.cols].sum(dim=(1, 2))[:, None]
+
+
+def test_occlusion_maps_measure_what_hiding_a_window_changes():
+    """On y = sum of an 8 x 8 block of ones, hiding a window changes y by the block's pixels
+    inside it: with windows 8 (stride 8) the map is 64 on the block and 0 elsewhere; with
+    stride 4 each pixel is the mean over the windows that cover it; a background window (all
+    zero) is never evaluated and leaves 0."""
+    images = np.zeros((2, 2, 32, 32), dtype=np.float32)
+    images[:, :, :24, :] = 1.0  # rows 24-31 are background
+    model = SumOf(slice(8, 16), slice(8, 16))
+    same = saliency.occlusion_maps(model, images, 0, window=8, stride=8, preprocess=lambda t: t)
+    assert same.shape == (2, 32, 32) and same.dtype == np.float32
+    expected = np.zeros((32, 32), dtype=np.float32)
+    expected[8:16, 8:16] = 64
+    np.testing.assert_allclose(same[0], expected)
+    np.testing.assert_allclose(same[1], expected)
+    half = saliency.occlusion_maps(model, images, 0, window=8, stride=4, preprocess=lambda t: t)
+    # pixel (10, 10) lies in the windows starting at rows 4 and 8 and columns 4 and 8: they hide
+    # 16, 32, 32 and 64 of the block's pixels; the mean over the four is 36
+    assert half[0, 10, 10] == pytest.approx((16 + 32 + 32 + 64) / 4)
+    assert (half[0, 24:, :] == 0).all() and (half[0, :, :4] == 0).all()
+    with pytest.raises(ValueError, match="stride <= window"):
+        saliency.occlusion_maps(model, images, 0, window=8, stride=16)
+
+
 # ---------------------------------------------------------------------------------------------
 # the stage on a small run: networks that see one region only, the Done-when figures
 
@@ -317,7 +351,7 @@ def test_the_stage_reports_where_a_network_looks(finished_study, tmp_path):
              "liver": union["liver"]}
     size = (64, 64)  # the network input, as in the demo (the masks: blocks wholly inside)
     pre = partial(saliency.default_preprocess, input_size=size)
-    found = {}
+    found, occluded = {}, {}
     for i, (name, mask) in enumerate(masks.items()):
         model = SeesOnly(mask.reshape(size[0], 4, size[1], 4).all(axis=(1, 3)), seed=i)
         out = tmp_path / name
@@ -325,9 +359,11 @@ def test_the_stage_reports_where_a_network_looks(finished_study, tmp_path):
             store, "projection", cohort / "fields.csv", base / "splits.csv",
             {0: (model, pre), 1: (model, pre)}, 0, out, tmp_path / "registration",
             layer="net.layer2", n_subjects=5, footprints=partial(phantom.subject_footprints, cohort),
-            progress=None)
+            occlusion=True, progress=None)
         assert (out / "aggregate_female.npy").is_file() and (out / "metrics.json").is_file()
+        assert (out / "occlusion_male.npy").is_file() and metrics["occlusion"] is True
         found[name] = {s: m["anatomy"] for s, m in metrics["per_sex"].items()}
+        occluded[name] = {s: m["occlusion_anatomy"] for s, m in metrics["per_sex"].items()}
     print({n: {s: (round(a["thigh_left_right_ratio"], 2), round(a["liver_body_density_ratio"], 2)) for s, a in v.items()} for n, v in found.items()})
     for sex in saliency.SEXES:
         assert found["left"][sex]["thigh_left_right_ratio"] >= 2, found["left"][sex]
@@ -335,3 +371,8 @@ def test_the_stage_reports_where_a_network_looks(finished_study, tmp_path):
         assert found["liver"][sex]["liver_body_density_ratio"] >= 3, found["liver"][sex]
         # and the other way round: a thigh network does not look at the liver
         assert found["left"][sex]["liver_body_density_ratio"] < 1
+        # occlusion, aggregated the same way, tells the same (its windows blur it a little)
+        assert occluded["left"][sex]["thigh_left_right_ratio"] >= 2, occluded["left"][sex]
+        assert occluded["right"][sex]["thigh_left_right_ratio"] <= 0.5, occluded["right"][sex]
+        assert occluded["liver"][sex]["liver_body_density_ratio"] >= 3, occluded["liver"][sex]
+        assert occluded["left"][sex]["liver_body_density_ratio"] < 1

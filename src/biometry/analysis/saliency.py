@@ -16,6 +16,14 @@ channels, into one magnitude per pixel::
 Raw values are kept (no per-image min-max), so subjects and fields stay comparable; the cohort
 aggregate is the mean of ``s^2`` (as in the paper), see :func:`aggregate`.
 
+**A second opinion: occlusion.** Guided backpropagation can mark bright structures for any output
+(Adebayo et al. 2018, "Sanity checks for saliency maps"), so a guided Grad-CAM aggregate may show a
+region that the network's answer does not depend on. :func:`occlusion_maps` asks the network
+directly: each square window of the input set to zero in turn, ``|y(x) - y(x without the
+window)|`` spread over the window's pixels. It needs forward passes only (one per window that
+holds any signal) and is aggregated like the saliency (``occlusion: true`` in a study's saliency
+block; docs/saliency.md).
+
 **Which output.** :func:`output_column` maps a head and a field to the column of the network's
 output: the field itself for ``regression``, the *mean* of a ``mean_variance`` head (column
 ``2 j`` of the MIMIR layout (B, T, 2) flattened), a class logit for ``classification``.
@@ -225,6 +233,62 @@ def guided_gradcam_both_signs(model: nn.Module, images: np.ndarray, column: int,
     return pos, neg
 
 
+def occlusion_maps(model: nn.Module, images: np.ndarray, column: int, window: int = 32,
+                   stride: int = 16, preprocess: Callable | None = None,
+                   batch_size: int = 64) -> np.ndarray:
+    """How far the output moves when each part of the input is hidden (occlusion sensitivity).
+
+    Every ``window`` x ``window`` square on a ``stride`` grid of the stored image (all channels) is
+    set to 0 in turn; the change ``|y(x) - y(x_occluded)|`` of output ``column`` is added to the
+    window's pixels, and each pixel's sum is divided by the number of windows that cover it.
+    Windows that are already all zero (background) change nothing and are not evaluated.
+
+    Parameters
+    ----------
+    images : (N, C, H, W) in 0-255 (the stored format); the windows are in its pixels.
+    window, stride : in stored pixels (32 and 16 on a 256 x 256 format: an 8 x 8 grid of
+        windows, each pixel covered by up to four).
+
+    Returns
+    -------
+    (N, H, W) float32 >= 0, in the output's units.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {images.shape}")
+    h, w = images.shape[2:]
+    if not 0 < stride <= window <= min(h, w):
+        raise ValueError(f"need 0 < stride <= window <= image size, got window {window}, "
+                         f"stride {stride} on {h} x {w}")
+    ys = sorted(set(range(0, h - window + 1, stride)) | {h - window})
+    xs = sorted(set(range(0, w - window + 1, stride)) | {w - window})
+    cover = np.zeros((h, w), dtype=np.float32)
+    for y in ys:
+        for x in xs:
+            cover[y:y + window, x:x + window] += 1
+    wrapped = ScalarOutput(model, column, 1.0, preprocess)
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(images), h, w), dtype=np.float32)
+    try:
+        with torch.no_grad():
+            for i, image in enumerate(images):
+                x0 = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+                base = float(wrapped(x0[None])[0, 0])
+                boxes = [(y, x) for y in ys for x in xs if image[:, y:y + window, x:x + window].any()]
+                for s in range(0, len(boxes), batch_size):
+                    part = boxes[s:s + batch_size]
+                    batch = x0[None].repeat(len(part), 1, 1, 1)
+                    for b, (y, x) in enumerate(part):
+                        batch[b, :, y:y + window, x:x + window] = 0
+                    delta = np.abs(base - wrapped(batch)[:, 0].numpy())
+                    for d, (y, x) in zip(delta, part):
+                        out[i, y:y + window, x:x + window] += d
+    finally:
+        model.train(was_training)
+    return out / cover
+
+
 def saliency_maps(model: nn.Module, images: np.ndarray, column: int, layer: str | nn.Module = "layer4",
                   signs: str = "both", preprocess: Callable | None = None,
                   batch_size: int = 16) -> np.ndarray:
@@ -360,20 +424,22 @@ def field_saliency(store: Store, fmt: str, eids: Sequence[str], reference: str,
                    folds: Mapping[str, int], models: Mapping[int, tuple[nn.Module, Callable | None]],
                    column: int, transform_dir: str | os.PathLike, layer: str = "layer4",
                    split: int = registration.DEFAULT_SPLIT, batch_size: int = 16,
-                   signs: str = "both",
+                   signs: str = "both", occlusion: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict[str, object]:
     """Saliency of one output over ``eids`` (one sex), registered to ``reference`` and aggregated.
 
     Each subject's map comes from the network of the fold that held it out (``models[fold]`` =
     (module, preprocess)); its water image is registered to the reference's once
     (:func:`registration.register_cached` in ``transform_dir``) and the transform warps the map.
-    A subject whose registration fails is reported and left out; the rest go on.
+    A subject whose registration fails is reported and left out; the rest go on. With
+    ``occlusion``, :func:`occlusion_maps` of the same subjects are warped and aggregated the same way.
 
     Returns
     -------
     dict: ``aggregate`` (H, W) float32 = mean of the squared warped maps, ``n``, ``failed``
     (``{eid: error}``), ``ncc`` (DataFrame eid, ncc_before, ncc_after), ``seconds_maps``,
-    ``seconds_registration``.
+    ``seconds_registration``; with ``occlusion`` also ``occlusion_aggregate`` and
+    ``seconds_occlusion``.
     """
     eids = [str(e) for e in eids]
     missing = sorted({folds.get(e) for e in eids} - set(models), key=str)
@@ -383,8 +449,9 @@ def field_saliency(store: Store, fmt: str, eids: Sequence[str], reference: str,
     arr = store.array(fmt)
     fixed = water_images(store, fmt, [reference])[0]
     total = np.zeros(fixed.shape, dtype=np.float64)
+    total_occ = np.zeros(fixed.shape, dtype=np.float64)
     rows, failed = [], {}
-    t_maps = t_reg = 0.0
+    t_maps = t_reg = t_occ = 0.0
     for fold in sorted({folds[e] for e in eids}):
         chosen = [e for e in eids if folds[e] == fold]
         model, preprocess = models[fold]
@@ -394,7 +461,10 @@ def field_saliency(store: Store, fmt: str, eids: Sequence[str], reference: str,
             t0 = time.perf_counter()
             maps = saliency_maps(model, images, column, layer, signs, preprocess, batch_size)
             t1 = time.perf_counter()
-            for eid, image, m in zip(batch, images, maps):
+            occ = occlusion_maps(model, images, column, preprocess=preprocess) if occlusion else None
+            t_occ += time.perf_counter() - t1
+            t1 = time.perf_counter()
+            for j, (eid, image, m) in enumerate(zip(batch, images, maps)):
                 try:
                     st = registration.register_cached(transform_dir, eid, fixed, image[0], split)
                 except (RuntimeError, ValueError) as exc:
@@ -403,6 +473,8 @@ def field_saliency(store: Store, fmt: str, eids: Sequence[str], reference: str,
                         progress(f"subject {eid}: registration failed ({failed[eid]}); left out")
                     continue
                 total += np.square(registration.warp(m, st, split), dtype=np.float64)
+                if occ is not None:
+                    total_occ += np.square(registration.warp(occ[j], st, split), dtype=np.float64)
                 rows.append({"eid": eid, "fold": fold, "ncc_before": st.ncc_before,
                              "ncc_after": st.ncc_after})
             t_maps += t1 - t0
@@ -412,8 +484,11 @@ def field_saliency(store: Store, fmt: str, eids: Sequence[str], reference: str,
     n = len(rows)
     if n == 0:
         raise ValueError("no subject could be registered: nothing to aggregate")
-    return {"aggregate": (total / n).astype(np.float32), "n": n, "failed": failed,
-            "ncc": pd.DataFrame(rows), "seconds_maps": t_maps, "seconds_registration": t_reg}
+    out = {"aggregate": (total / n).astype(np.float32), "n": n, "failed": failed,
+           "ncc": pd.DataFrame(rows), "seconds_maps": t_maps, "seconds_registration": t_reg}
+    if occlusion:
+        out.update(occlusion_aggregate=(total_occ / n).astype(np.float32), seconds_occlusion=t_occ)
+    return out
 
 
 def alignment_summary(ncc: pd.DataFrame) -> dict[str, float]:
@@ -429,9 +504,13 @@ def alignment_summary(ncc: pd.DataFrame) -> dict[str, float]:
 
 
 def write_outputs(out_dir: str | os.PathLike, sex: str, result: Mapping[str, object]) -> Path:
-    """``aggregate_<sex>.npy`` (float32) and ``ncc_<sex>.csv`` into ``out_dir``, atomically."""
+    """``aggregate_<sex>.npy`` (float32), ``ncc_<sex>.csv`` and, with occlusion,
+    ``occlusion_<sex>.npy`` into ``out_dir``, atomically."""
     out_dir = Path(out_dir)
     fileio.write_npy(out_dir / f"aggregate_{sex}.npy", np.asarray(result["aggregate"], np.float32))
+    if result.get("occlusion_aggregate") is not None:
+        fileio.write_npy(out_dir / f"occlusion_{sex}.npy",
+                         np.asarray(result["occlusion_aggregate"], np.float32))
     fileio.write_csv(out_dir / f"ncc_{sex}.csv", result["ncc"])
     return out_dir
 
@@ -458,12 +537,14 @@ def study_field_saliency(store: Store, fmt: str, fields_csv: str | os.PathLike,
                          out_dir: str | os.PathLike, registration_root: str | os.PathLike,
                          sexes: Sequence[str] = ("female", "male"), n_subjects: int | None = None,
                          layer: str = "layer4", seed: int = 0, signs: str = "both",
+                         occlusion: bool = False,
                          footprints: Callable[[str], tuple[Mapping[str, np.ndarray], int]] | None = None,
                          progress: Callable[[str], None] | None = print) -> dict[str, object]:
     """The saliency stage of one field: per sex, reference, maps, registration, aggregate, metrics.
 
     Writes into ``out_dir`` (the contract of ``docs/saliency.md``): ``aggregate_<sex>.npy``,
-    ``ncc_<sex>.csv``, ``reference.json`` and ``metrics.json``. Transforms go to
+    ``ncc_<sex>.csv``, ``reference.json`` and ``metrics.json`` (and ``occlusion_<sex>.npy`` with
+    ``occlusion``: :func:`occlusion_maps` of the same subjects, aggregated the same way). Transforms go to
     ``registration_root/<sex>_<reference eid>/`` and are shared by every field of the study.
 
     Parameters
@@ -492,7 +573,8 @@ def study_field_saliency(store: Store, fmt: str, fields_csv: str | os.PathLike,
                    f"earlier layer or a larger input (docs/saliency.md)")
         warnings.warn(message, stacklevel=2)  # shown once in the notebook's output
     metrics: dict[str, object] = {"layer": layer, "layer_grid": list(grid), "column": int(column),
-                                  "signs": signs, "registration_channel": "water", "per_sex": {}}
+                                  "signs": signs, "registration_channel": "water",
+                                  "occlusion": bool(occlusion), "per_sex": {}}
     references: dict[str, object] = {"method": (
         "per sex, the subject whose water image (the stored 2D format, unregistered) has the "
         "highest normalised cross-correlation with the mean water image of all subjects of that "
@@ -507,16 +589,21 @@ def study_field_saliency(store: Store, fmt: str, fields_csv: str | os.PathLike,
             chosen = chosen + [ref]
         result = field_saliency(store, fmt, chosen, ref, folds, models, column,
                                 Path(registration_root) / f"{sex}_{ref}", layer=layer,
-                                signs=signs, progress=progress)
+                                signs=signs, occlusion=occlusion, progress=progress)
         write_outputs(out_dir, sex, result)
         n = int(result["n"])
         entry = {"n": n, "failed": result["failed"],
                  "alignment": alignment_summary(result["ncc"]),
                  "seconds_per_subject_maps": result["seconds_maps"] / n,
                  "seconds_per_subject_registration": result["seconds_registration"] / n}
+        if occlusion:
+            entry["seconds_per_subject_occlusion"] = result["seconds_occlusion"] / n
         if footprints is not None:
             masks, split = footprints(ref)
             entry["anatomy"] = anatomy_metrics(result["aggregate"], masks, split)
+            if occlusion:
+                entry["occlusion_anatomy"] = anatomy_metrics(result["occlusion_aggregate"], masks,
+                                                             split)
         metrics["per_sex"][sex] = entry
         references["per_sex"][sex] = {"eid": ref, "ncc_to_mean": score, "pool": len(pool)}
     fileio.write_json(out_dir / "reference.json", references)

@@ -377,9 +377,10 @@ SALIENCY_LAYERS = ("layer4", "layer3", "layer2", "layer1")
 def _saliency_settings(raw: Any, keys: list[str], where: str) -> dict[str, Any] | None:
     if raw is None:
         return None
-    if not isinstance(raw, Mapping) or set(raw) - {"fields", "subjects", "layer"}:
-        raise StudyError(f"{where}: saliency must be {{fields: [...], subjects: N, layer: L}} "
-                         f"(layer optional, default layer4)")
+    if not isinstance(raw, Mapping) or set(raw) - {"fields", "subjects", "layer", "occlusion"}:
+        raise StudyError(f"{where}: saliency must be {{fields: [...], subjects: N, layer: L, "
+                         f"occlusion: true|false}} (layer optional, default layer4; occlusion "
+                         f"optional, default false)")
     fields = [str(k) for k in raw.get("fields") or []]
     missing = [k for k in fields if k not in keys]
     if missing:
@@ -388,7 +389,11 @@ def _saliency_settings(raw: Any, keys: list[str], where: str) -> dict[str, Any] 
     if layer not in SALIENCY_LAYERS:
         raise StudyError(f"{where}: saliency.layer {layer!r} is not one of "
                          f"{', '.join(SALIENCY_LAYERS)}")
-    return {"fields": fields, "subjects": int(raw.get("subjects", 200)), "layer": layer}
+    occlusion = raw.get("occlusion", False)
+    if not isinstance(occlusion, bool):
+        raise StudyError(f"{where}: saliency.occlusion must be true or false, got {occlusion!r}")
+    return {"fields": fields, "subjects": int(raw.get("subjects", 200)), "layer": layer,
+            **({"occlusion": True} if occlusion else {})}
 
 
 def _thigh_settings(raw: Any, where: str) -> dict[str, Any]:

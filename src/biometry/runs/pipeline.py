@@ -123,7 +123,9 @@ PIPELINE: tuple[Stage, ...] = (
           "per field: guided Grad-CAM aggregated per sex by co-registration (docs/saliency.md)",
           applies=lambda s: bool(_saliency_fields(s)), fields=_saliency_fields,
           parameters=lambda s: {"n_subjects": int((s.saliency or {}).get("subjects", 200)),
-                                "layer": str((s.saliency or {}).get("layer", "layer4"))}),
+                                "layer": str((s.saliency or {}).get("layer", "layer4")),
+                                **({"occlusion": True} if (s.saliency or {}).get("occlusion")
+                                   else {})}),
     Stage("liver", "07_liver_fat.ipynb", "study", ("train",),
           "liver fat: network on the unlabelled subjects, multi-atlas baseline, comparison "
           "(docs/liver.md)", applies=lambda s: s.liver is not None),
