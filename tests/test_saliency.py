@@ -362,6 +362,8 @@ def test_the_stage_reports_where_a_network_looks(finished_study, tmp_path):
             occlusion=True, progress=None)
         assert (out / "aggregate_female.npy").is_file() and (out / "metrics.json").is_file()
         assert (out / "occlusion_male.npy").is_file() and metrics["occlusion"] is True
+        for m in metrics["per_sex"].values():  # each timed alone: occlusion's many passes
+            assert m["seconds_per_subject_occlusion"] > m["seconds_per_subject_maps"] > 0
         found[name] = {s: m["anatomy"] for s, m in metrics["per_sex"].items()}
         occluded[name] = {s: m["occlusion_anatomy"] for s, m in metrics["per_sex"].items()}
     print({n: {s: (round(a["thigh_left_right_ratio"], 2), round(a["liver_body_density_ratio"], 2)) for s, a in v.items()} for n, v in found.items()})
@@ -376,3 +378,10 @@ def test_the_stage_reports_where_a_network_looks(finished_study, tmp_path):
         assert occluded["right"][sex]["thigh_left_right_ratio"] <= 0.5, occluded["right"][sex]
         assert occluded["liver"][sex]["liver_body_density_ratio"] >= 3, occluded["liver"][sex]
         assert occluded["left"][sex]["liver_body_density_ratio"] < 1
+    # the run redone without occlusion leaves no stale occlusion aggregate beside its metrics
+    metrics = saliency.study_field_saliency(
+        store, "projection", cohort / "fields.csv", base / "splits.csv",
+        {0: (model, pre), 1: (model, pre)}, 0, out, tmp_path / "registration",
+        layer="net.layer2", n_subjects=5, progress=None)
+    assert metrics["occlusion"] is False and not list(out.glob("occlusion_*.npy"))
+    assert (out / "aggregate_female.npy").is_file()

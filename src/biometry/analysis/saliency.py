@@ -246,7 +246,7 @@ def occlusion_maps(model: nn.Module, images: np.ndarray, column: int, window: in
     Parameters
     ----------
     images : (N, C, H, W) in 0-255 (the stored format); the windows are in its pixels.
-    window, stride : in stored pixels (32 and 16 on a 256 x 256 format: an 8 x 8 grid of
+    window, stride : in stored pixels (32 and 16 on a 256 x 256 format: a 15 x 15 grid of
         windows, each pixel covered by up to four).
 
     Returns
@@ -460,9 +460,10 @@ def field_saliency(store: Store, fmt: str, eids: Sequence[str], reference: str,
             images = np.asarray(arr[store.rows(batch)])
             t0 = time.perf_counter()
             maps = saliency_maps(model, images, column, layer, signs, preprocess, batch_size)
-            t1 = time.perf_counter()
+            t_maps += time.perf_counter() - t0
+            t0 = time.perf_counter()
             occ = occlusion_maps(model, images, column, preprocess=preprocess) if occlusion else None
-            t_occ += time.perf_counter() - t1
+            t_occ += time.perf_counter() - t0
             t1 = time.perf_counter()
             for j, (eid, image, m) in enumerate(zip(batch, images, maps)):
                 try:
@@ -477,7 +478,6 @@ def field_saliency(store: Store, fmt: str, eids: Sequence[str], reference: str,
                     total_occ += np.square(registration.warp(occ[j], st, split), dtype=np.float64)
                 rows.append({"eid": eid, "fold": fold, "ncc_before": st.ncc_before,
                              "ncc_after": st.ncc_after})
-            t_maps += t1 - t0
             t_reg += time.perf_counter() - t1
             if progress:
                 progress(f"fold {fold}: {min(s + batch_size, len(chosen))}/{len(chosen)} subjects")
@@ -508,9 +508,11 @@ def write_outputs(out_dir: str | os.PathLike, sex: str, result: Mapping[str, obj
     ``occlusion_<sex>.npy`` into ``out_dir``, atomically."""
     out_dir = Path(out_dir)
     fileio.write_npy(out_dir / f"aggregate_{sex}.npy", np.asarray(result["aggregate"], np.float32))
+    occlusion = out_dir / f"occlusion_{sex}.npy"
     if result.get("occlusion_aggregate") is not None:
-        fileio.write_npy(out_dir / f"occlusion_{sex}.npy",
-                         np.asarray(result["occlusion_aggregate"], np.float32))
+        fileio.write_npy(occlusion, np.asarray(result["occlusion_aggregate"], np.float32))
+    else:  # a run redone without occlusion leaves no stale aggregate beside its metrics
+        occlusion.unlink(missing_ok=True)
     fileio.write_csv(out_dir / f"ncc_{sex}.csv", result["ncc"])
     return out_dir
 
