@@ -111,6 +111,16 @@ def test_agreement_mape_skips_near_zero_references():
     assert stats.agreement(ref, pred)["mape"] == pytest.approx(100 * 0.75 / 3)
 
 
+def test_batched_r2_and_mae_are_agreements_on_each_sample():
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(4, 50))
+    pred = ref + rng.normal(scale=0.5, size=(4, 50))
+    r2, mae = stats.r2_mae_batched(ref, pred)
+    for k in range(4):
+        one = stats.agreement(ref[k], pred[k])
+        assert r2[k] == pytest.approx(one["r2"]) and mae[k] == pytest.approx(one["mae"])
+
+
 def test_agreement_nan_and_too_few_pairs_raise():
     ref = np.array([1.0, 2.0, np.nan, 4.0, 5.0])
     pred = np.array([1.1, np.nan, 3.0, 4.2, 4.9])

@@ -258,6 +258,16 @@ def agreement(reference, prediction, nan_policy: str = "raise") -> dict[str, flo
     }
 
 
+def r2_mae_batched(reference: np.ndarray, prediction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """R² and MAE of :func:`agreement` along the last axis, for many samples at once (e.g.
+    bootstrap resamples: ``reference`` (B, n), ``prediction`` broadcastable to it). No NaN
+    handling: pass complete pairs."""
+    reference, prediction = np.asarray(reference, float), np.asarray(prediction, float)
+    res = reference - prediction
+    ss_tot = np.square(reference - reference.mean(axis=-1, keepdims=True)).sum(axis=-1)
+    return 1.0 - np.square(res).sum(axis=-1) / ss_tot, np.abs(res).mean(axis=-1)
+
+
 def classification(reference, score, threshold: float,
                    nan_policy: str = "raise") -> dict[str, float]:
     """Thresholded classification of a continuous field (sex at 0.5, liver fat at 5.5 %).

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from biometry.analysis.stats import agreement
+from biometry.analysis.stats import agreement, r2_mae_batched
 from biometry.inference.bundle import Bundle
 from biometry.inference.uncertainty import calibration_curve, coverage, ensemble
 
@@ -58,13 +58,6 @@ def member_arrays(members: pd.DataFrame, key: str, eids: list[str]
     return mean[eids].to_numpy(float), var[eids].to_numpy(float)
 
 
-def _r2_mae(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """R² and MAE along the last axis (y (..., n), pred broadcastable)."""
-    res = y - pred
-    ss_tot = np.square(y - y.mean(axis=-1, keepdims=True)).sum(axis=-1)
-    return 1.0 - np.square(res).sum(axis=-1) / ss_tot, np.abs(res).mean(axis=-1)
-
-
 def bootstrap_difference(y_release: np.ndarray, members: np.ndarray, y_cv: np.ndarray,
                          oof: np.ndarray, n_boot: int = 2000, seed: int = 0,
                          level: float = 0.95) -> dict[str, float]:
@@ -89,16 +82,16 @@ def bootstrap_difference(y_release: np.ndarray, members: np.ndarray, y_cv: np.nd
         return dict.fromkeys(keys, NAN)
     rng = np.random.default_rng(seed)
     out: dict[str, float] = {}
-    r2_rel, mae_rel = (v.mean() for v in _r2_mae(y_release, members))
-    r2_cv, mae_cv = _r2_mae(y_cv, oof)
+    r2_rel, mae_rel = (v.mean() for v in r2_mae_batched(y_release, members))
+    r2_cv, mae_cv = r2_mae_batched(y_cv, oof)
     point = {"r2": r2_rel - r2_cv, "mae": mae_rel - mae_cv}
     boot = {"r2": [], "mae": []}
     for s in range(0, n_boot, 250):  # bounded memory: K x 250 x n at a time
         b = min(250, n_boot - s)
         i = rng.integers(0, len(y_release), (b, len(y_release)))
         j = rng.integers(0, len(y_cv), (b, len(y_cv)))
-        r2_r, mae_r = _r2_mae(y_release[i][None], members[:, i])
-        r2_c, mae_c = _r2_mae(y_cv[j], oof[j])
+        r2_r, mae_r = r2_mae_batched(y_release[i][None], members[:, i])
+        r2_c, mae_c = r2_mae_batched(y_cv[j], oof[j])
         boot["r2"].append(r2_r.mean(axis=0) - r2_c)
         boot["mae"].append(mae_r.mean(axis=0) - mae_c)
     tail = 100 * (1 - level) / 2

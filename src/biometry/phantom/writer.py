@@ -278,7 +278,7 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     scale = anatomy.check_scale(scale)
     if thigh_asymmetry is not None:  # before anything is written
-        anatomy.check_thigh_asymmetry(thigh_asymmetry)
+        thigh_asymmetry = anatomy.check_thigh_asymmetry(thigh_asymmetry)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if station_format not in STATION_FORMATS:
@@ -299,8 +299,7 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
         # the protocol of the release it follows, thigh asymmetry included
         release, earlier, thigh_asymmetry = earlier_release(later_release_of, scale,
                                                             thigh_asymmetry)
-    asym = anatomy.check_thigh_asymmetry(
-        anatomy.THIGH_ASYMMETRY_SD if thigh_asymmetry is None else thigh_asymmetry)
+    asym = anatomy.THIGH_ASYMMETRY_SD if thigh_asymmetry is None else thigh_asymmetry
     key = _cohort_key(seed, scale, station_format, release)
     if asym != anatomy.THIGH_ASYMMETRY_SD:  # only then: a default cohort's key stays as it was
         key["thigh_asymmetry"] = asym
