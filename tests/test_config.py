@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from biometry.config import study as config
+from biometry.config.population import POPULATION, check_population_value, non_default, population
 from biometry.config.study import StudyError, load_study, new_study
 from biometry.runs.pipeline import PIPELINE
 
@@ -92,6 +93,16 @@ def test_other_errors(tmp_path):
         load_study(_write(tmp_path, data=dict(phantom, thigh_asymmetry=0.9)))
     assert load_study(_write(tmp_path, data=dict(phantom, thigh_asymmetry=0.1))).data[
         "thigh_asymmetry"] == 0.1
+    with pytest.raises(StudyError, match=r"data.liver_fat_coupling must be a number in \[0, 1\] "
+                                         r"\(how far liver fat follows"):
+        load_study(_write(tmp_path, data=dict(phantom, liver_fat_coupling=True)))
+    with pytest.raises(StudyError, match=r"data.liver_fat_coupling is an option of the phantom; "
+                                         r"this study's data.source is 'ukb'"):
+        load_study(_write(tmp_path, data={"source": "ukb", "liver_fat_coupling": 0.0}))
+    both = load_study(_write(tmp_path, data=dict(phantom, thigh_asymmetry=0.1,
+                                                  liver_fat_coupling=0)))
+    # the options are checked, never mistaken for the study's own settings
+    assert both.data["liver_fat_coupling"] == 0 and both.name == "demo"
 
 
 def test_label_counts_and_store_format_checks():
@@ -148,3 +159,17 @@ def test_saliency_block_names_its_gradcam_layer(tmp_path):
     with pytest.raises(StudyError, match="saliency.occlusion must be true or false, got 'yes'"):
         load_study(_write_text(tmp_path / "d.yaml", text.replace(line, line.replace(
             "layer: layer3", "layer: layer3, occlusion: 'yes'"))))
+
+
+def test_population_options_are_checked_by_one_table():
+    assert population() == {k: o.default for k, o in POPULATION.items()}
+    assert population({"liver_fat_coupling": 0, "thigh_asymmetry": None}) == {
+        "thigh_asymmetry": 0.02, "liver_fat_coupling": 0.0}
+    for bad in (True, float("nan"), "a lot", None, 1.01, -0.1):
+        with pytest.raises(ValueError, match=r"^liver_fat_coupling must be a number in \[0, 1\]"):
+            check_population_value("liver_fat_coupling", bad)
+    assert check_population_value("liver_fat_coupling", "0.5") == 0.5  # a CLI's text
+    with pytest.raises(ValueError, match="unknown population option 'liver_coupling'; known: "
+                                         "thigh_asymmetry, liver_fat_coupling"):
+        population({"liver_coupling": 0.0})
+    assert non_default(population({"thigh_asymmetry": 0.1})) == {"thigh_asymmetry": 0.1}

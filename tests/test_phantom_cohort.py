@@ -15,6 +15,7 @@ import pytest
 
 from biometry.config import fields
 from biometry.config.paths import notebooks_dir
+from biometry.config.population import POPULATION
 from biometry.phantom import LABELS, cohort_eids, field_columns, generate_cohort, writer
 from biometry.phantom import main as synth_main
 from biometry.phantom.cohort import sample_fields
@@ -186,6 +187,9 @@ def test_overwrite_with_other_parameters_replaces_the_cohort(tmp_path):
     (["--subjects", "two", "--seed", "1"], "subjects"),
     (["--subjects", "2", "--seed", "1", "--station-format", "dicom"], "station-format"),
     (["--subjects", "2", "--seed", "1", "--thigh-asymmetry", "0.9"], "thigh_asymmetry"),
+    (["--subjects", "2", "--seed", "1", "--liver-fat-coupling", "1.5"],
+     "liver_fat_coupling must be a number in [0, 1]"),
+    (["--subjects", "2", "--seed", "1", "--liver-fat-coupling", "nan"], "liver_fat_coupling"),
 ])
 def test_cli_bad_arguments(tmp_path, capsys, args, message):
     rc = synth_main(["--out", str(tmp_path / "out")] + args)
@@ -232,17 +236,44 @@ def test_thigh_asymmetry_gives_each_side_its_own_information():
     np.testing.assert_array_equal(ukb["22402-2.0"].to_numpy(), asym["22402-2.0"].to_numpy())
 
 
-def test_a_later_release_keeps_the_thigh_asymmetry(tmp_path):
-    first = generate_cohort(tmp_path / "a", 1, 1, scale=0.15, progress=False,
-                            thigh_asymmetry=0.10)
-    assert json.loads((first / "cohort.json").read_text())["thigh_asymmetry"] == 0.10
+@pytest.mark.parametrize("option, value, other", [("thigh_asymmetry", 0.10, 0.3),
+                                                   ("liver_fat_coupling", 0.0, 1.0)])
+def test_a_later_release_keeps_the_population_options(tmp_path, option, value, other):
+    first = generate_cohort(tmp_path / "a", 1, 1, scale=0.15, progress=False, **{option: value})
+    meta = json.loads((first / "cohort.json").read_text())
+    assert meta[option] == value and not set(POPULATION) - {option} & set(meta)
     later = generate_cohort(tmp_path / "b", 1, 1, scale=0.15, progress=False,
                             later_release_of=first)
-    assert json.loads((later / "cohort.json").read_text())["thigh_asymmetry"] == 0.10
-    with pytest.raises(ValueError, match="has thigh_asymmetry 0.1, this one 0.3; a later release "
-                                         "keeps the protocol"):
+    assert json.loads((later / "cohort.json").read_text())[option] == value
+    with pytest.raises(ValueError, match=f"has {option} {value:g}, this one {other:g}; a later "
+                                         f"release keeps the protocol"):
         generate_cohort(tmp_path / "d", 1, 1, scale=0.15, progress=False,
-                        later_release_of=first, thigh_asymmetry=0.3)
+                        later_release_of=first, **{option: other})
     assert not (tmp_path / "d" / "cohort.json").exists()
-    plain = generate_cohort(tmp_path / "c", 1, 1, scale=0.15, progress=False)
-    assert "thigh_asymmetry" not in json.loads((plain / "cohort.json").read_text())
+    # the default, given or not, is the default cohort: nothing recorded
+    plain = generate_cohort(tmp_path / "c", 1, 1, scale=0.15, progress=False,
+                            **{option: POPULATION[option].default})
+    assert option not in json.loads((plain / "cohort.json").read_text())
+
+
+def test_liver_fat_coupling_zero_leaves_the_liver_the_only_evidence():
+    """The liver check's option: the same people (same stream); liver fat no longer follows
+    visceral fat or BMI, with its marginal kept; the thighs are untouched, and the default is the
+    UKB-like phantom (liver fat correlates with visceral fatness)."""
+    _, ukb = sample_fields(120, 4)
+    _, free = sample_fields(120, 4, liver_fat_coupling=0.0)
+    assert ukb["eid"].tolist() == free["eid"].tolist()
+    log_ukb, log_free = np.log(ukb["liver_fat_fraction"]), np.log(free["liver_fat_fraction"])
+    r_ukb = np.corrcoef(log_ukb, ukb["visceral_fatness"])[0, 1]
+    r_free = np.corrcoef(log_free, free["visceral_fatness"])[0, 1]
+    assert r_ukb > 0.35 and abs(r_free) < 0.2, (r_ukb, r_free)
+    assert abs(np.corrcoef(log_free, free["bmi_target"])[0, 1]) < 0.2
+    # the marginal: log liver fat keeps its centre and spread (unit SD on the log scale)
+    assert abs(np.median(log_free) - np.log(0.023)) < 0.25
+    assert 0.8 < log_free.std() < 1.2 and 0.8 < log_ukb.std() < 1.2
+    for key in ("22405", "22403", "visceral_fatness", "age", "sex"):
+        np.testing.assert_array_equal(ukb[key].to_numpy(), free[key].to_numpy())
+    # a coupling between keeps the loadings in proportion
+    _, half = sample_fields(120, 4, liver_fat_coupling=0.5)
+    r_half = np.corrcoef(np.log(half["liver_fat_fraction"]), half["visceral_fatness"])[0, 1]
+    assert r_free < r_half < r_ukb

@@ -44,6 +44,7 @@ from biometry import fileio
 from biometry.config import fields as fieldcat
 from biometry.config.formats import FORMAT_SPECS, format_shape
 from biometry.config.paths import STUDIES_DIR, figures_dir, runs_dir
+from biometry.config.population import POPULATION, check_population_value
 from biometry.config.training import TrainConfig
 
 _TOP_KEYS = {"name", "description", "data", "format", "fields", "multi_field", "folds",
@@ -291,12 +292,14 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
     data = dict(raw["data"] or {})
     if data.get("source") not in ("phantom", "ukb"):
         raise StudyError(f"{where}: data.source must be 'phantom' or 'ukb'")
-    if "thigh_asymmetry" in data:  # the phantom's option (docs/phantom.md)
-        asym = data["thigh_asymmetry"]
-        if data["source"] != "phantom" or isinstance(asym, bool) or not isinstance(
-                asym, (int, float)) or not 0 <= asym <= 0.5:
-            raise StudyError(f"{where}: data.thigh_asymmetry must be a number in [0, 0.5] "
-                             f"for a phantom study, got {asym!r}")
+    for option in sorted(set(data) & set(POPULATION)):  # the phantom's (docs/phantom.md)
+        if data["source"] != "phantom":
+            raise StudyError(f"{where}: data.{option} is an option of the phantom; this "
+                             f"study's data.source is {data['source']!r}")
+        try:
+            check_population_value(option, data[option])
+        except ValueError as exc:
+            raise StudyError(f"{where}: data.{exc}") from None
     stratify = raw.get("stratify")
     if stratify is not None:
         stratify = "31" if str(stratify) == "sex" else str(stratify)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from biometry.config.population import POPULATION, check_population_value
 from biometry.data.types import UKB_INPLANE, UKB_SPACING
 
 # ---------------------------------------------------------------------------------------------
@@ -179,23 +180,18 @@ BONE = (0.25, 0.85, 0.35)
 
 #: SD of the left/right thigh-muscle asymmetry of the default (UKB-like) phantom: the two
 #: anterior thighs correlate at r ~ 0.94, as in UKB
-THIGH_ASYMMETRY_SD = 0.02
+THIGH_ASYMMETRY_SD = POPULATION["thigh_asymmetry"].default
+#: how far log liver fat follows the visceral factor and BMI in the default phantom (UKB-like)
+LIVER_FAT_COUPLING = POPULATION["liver_fat_coupling"].default
 
 
 def check_thigh_asymmetry(sd: float) -> float:
     """``sd`` as a float in [0, 0.5], else ValueError naming it."""
-    try:
-        sd = float(sd)
-    except (TypeError, ValueError):
-        raise ValueError(f"thigh_asymmetry must be a number, got {sd!r}") from None
-    if not 0.0 <= sd <= 0.5:
-        raise ValueError(f"thigh_asymmetry must be in [0, 0.5] (SD of the relative left/right "
-                         f"difference of thigh muscle), got {sd}")
-    return sd
+    return check_population_value("thigh_asymmetry", sd)
 
 
-def draw_parameters(rng: np.random.Generator,
-                    thigh_asymmetry: float = THIGH_ASYMMETRY_SD) -> dict[str, float]:
+def draw_parameters(rng: np.random.Generator, thigh_asymmetry: float = THIGH_ASYMMETRY_SD,
+                    liver_fat_coupling: float = LIVER_FAT_COUPLING) -> dict[str, float]:
     """Draw one subject's demographic and latent body parameters.
 
     Marginals follow the UKB imaging cohort (age 44–82, mean 64, SD 7.5; 52 % male; BMI mean
@@ -205,7 +201,11 @@ def draw_parameters(rng: np.random.Generator,
     ``thigh_asymmetry`` is the SD of the relative left/right difference of thigh muscle
     (default :data:`THIGH_ASYMMETRY_SD`, UKB-like); a larger value (0.10 in the
     ``saliency-check`` study) gives each side information of its own, so a network for one
-    thigh has a reason to look at that side. The random stream is the same for any value.
+    thigh has a reason to look at that side. ``liver_fat_coupling`` scales the loadings of log
+    liver fat on the visceral factor (0.55) and BMI (0.3), keeping its variance: 1 (default) is
+    UKB-like, 0 makes liver fat independent of both (``saliency-check-liver``), so the liver is
+    the only evidence of it. The random stream is the same for any value of either option
+    (:mod:`biometry.config.population`).
     """
     p: dict[str, float] = {}
     male = float(rng.random() < 0.52)
@@ -228,8 +228,12 @@ def draw_parameters(rng: np.random.Generator,
     p["muscle_fat_fraction"] = float(np.clip(
         0.065 + 0.002 * (p["age"] - 64) + 0.003 * (p["bmi_target"] - 27) + 0.01 * (1 - male)
         + rng.normal(0.0, 0.012), 0.015, 0.25))
-    log_lff = np.log(2.3) + 1.0 * (0.55 * z_vat + 0.3 * (p["bmi_target"] - 27) / 4.3
-                                   + np.sqrt(1 - 0.55 ** 2 - 0.3 ** 2) * rng.normal())
+    # log liver fat: unit variance, loading on the visceral factor and on BMI (both scaled by
+    # the coupling), the rest its own
+    coupling = check_population_value("liver_fat_coupling", liver_fat_coupling)
+    a, b = 0.55 * coupling, 0.3 * coupling
+    log_lff = np.log(2.3) + 1.0 * (a * z_vat + b * (p["bmi_target"] - 27) / 4.3
+                                   + np.sqrt(1 - a ** 2 - b ** 2) * rng.normal())
     p["liver_fat_fraction"] = float(np.clip(np.exp(log_lff), 0.3, 46.0)) / 100.0
     p["liver_size"] = float(np.clip(rng.normal(1.0, 0.08), 0.7, 1.3))
     p["kidney_size"] = float(np.clip(rng.normal(1.0, 0.08), 0.7, 1.3))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from biometry.config.population import population as population_options
 from biometry.data.types import Station, Volume
 from biometry.phantom import anatomy, function, measure, signal
 from biometry.phantom.anatomy import FOV_HEIGHT_MM, Grid
@@ -123,8 +124,7 @@ def station_affine_las(grid: Grid) -> np.ndarray:
 
 
 def make_subject(eid: str, seed: int, scale: float = 1.0, stations: bool = True,
-                 protocol: str = "ukb",
-                 thigh_asymmetry: float = anatomy.THIGH_ASYMMETRY_SD) -> Subject:
+                 protocol: str = "ukb", **population: float) -> Subject:
     """Make one subject: parameters, labels, fields and (optionally) the six stations.
 
     Parameters
@@ -136,13 +136,13 @@ def make_subject(eid: str, seed: int, scale: float = 1.0, stations: bool = True,
     stations : also synthesise the station images (the slow part).
     protocol : "ukb", or "external": the external cohort's noise and contrast, and only the
         ``exercise`` label among the functional measures (:mod:`biometry.phantom.function`).
-    thigh_asymmetry : SD of the relative left/right thigh-muscle difference
-        (:func:`biometry.phantom.anatomy.draw_parameters`).
+    **population : the population's options by name (``thigh_asymmetry``,
+        ``liver_fat_coupling``; :mod:`biometry.config.population`); defaults where not given.
     """
     scale = anatomy.check_scale(scale)
     function.check_protocol(protocol)
     rng = _streams(seed)
-    p = anatomy.draw_parameters(rng["params"], thigh_asymmetry)
+    p = anatomy.draw_parameters(rng["params"], **population_options(population))
     grid = anatomy.fused_grid(scale)
     labels = anatomy.rasterise(p, grid)
     values, truth = measure.measure_fields(p, labels, grid, rng["fields"])
@@ -208,15 +208,14 @@ def observed_row(subject: Subject) -> dict[str, object]:
     return measure.observed_row(subject.eid, subject.fields, subject.available)
 
 
-def sample_fields(n: int, seed: int, scale: float = 0.15,
-                  thigh_asymmetry: float = anatomy.THIGH_ASYMMETRY_SD
+def sample_fields(n: int, seed: int, scale: float = 0.15, **population: float
                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Field tables of a cohort without writing or synthesising any station image.
 
     Uses the same eids, seeds and measurement code as :func:`biometry.phantom.generate_cohort`,
     so the tables equal that cohort's ``fields.csv`` and ``truth/parameters.csv`` at the same
     ``scale`` (MRI atlas and DXA values are measured on the label grid of that scale) and
-    ``thigh_asymmetry``.
+    population options (``thigh_asymmetry``, ``liver_fat_coupling``).
 
     Returns
     -------
@@ -225,8 +224,7 @@ def sample_fields(n: int, seed: int, scale: float = 0.15,
     """
     obs, tru = [], []
     for i, eid in enumerate(cohort_eids(n, seed)):
-        s = make_subject(eid, subject_seed(seed, i), scale, stations=False,
-                         thigh_asymmetry=thigh_asymmetry)
+        s = make_subject(eid, subject_seed(seed, i), scale, stations=False, **population)
         obs.append(observed_row(s))
         tru.append(truth_row(s))
     return tidy_observed(pd.DataFrame(obs)), pd.DataFrame(tru)

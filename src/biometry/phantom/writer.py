@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -35,6 +36,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from biometry.config.population import POPULATION, non_default
+from biometry.config.population import population as population_options
 from biometry.data.ingest import write_ukb_zip
 from biometry.errors import UsageError, run_guarded
 from biometry.fileio import atomic_path, write_csv, write_json
@@ -108,11 +111,13 @@ def _cohort_key(seed: int, scale: float, station_format: str, release: int = 1) 
 
 
 def earlier_release(root: str | os.PathLike, scale: float,
-                    thigh_asymmetry: float | None = None) -> tuple[int, list[str], float]:
+                    population: Mapping[str, float | None] | None = None
+                    ) -> tuple[int, list[str], dict[str, float]]:
     """The release number that follows the phantom cohort at ``root``, the eids to avoid (its
-    own and those of the releases before it) and the protocol's thigh asymmetry. Raises
-    ValueError naming the folder when it is not a complete phantom cohort or was made with
-    another protocol (``scale``, or a ``thigh_asymmetry`` given and different)."""
+    own and those of the releases before it) and the protocol's population options (every one,
+    :mod:`biometry.config.population`). Raises ValueError naming the folder when it is not a
+    complete phantom cohort or was made with another protocol (``scale``, or a population option
+    given, not None, and different)."""
     root = Path(root)
     try:
         meta = json.loads((root / "cohort.json").read_text())
@@ -125,12 +130,13 @@ def earlier_release(root: str | os.PathLike, scale: float,
     if abs(float(meta.get("scale", -1)) - float(scale)) > 1e-9:
         raise ValueError(f"{root}: the earlier release has scale {meta.get('scale')}, this one "
                          f"{scale}; a later release keeps the protocol")
-    asym = float(meta.get("thigh_asymmetry", anatomy.THIGH_ASYMMETRY_SD))
-    if thigh_asymmetry is not None and abs(float(thigh_asymmetry) - asym) > 1e-12:
-        raise ValueError(f"{root}: the earlier release has thigh_asymmetry {asym}, this one "
-                         f"{thigh_asymmetry}; a later release keeps the protocol")
+    theirs = population_options({k: meta.get(k) for k in POPULATION})
+    for name, value in (population or {}).items():
+        if value is not None and abs(float(value) - theirs[name]) > 1e-12:
+            raise ValueError(f"{root}: the earlier release has {name} {theirs[name]:g}, this "
+                             f"one {float(value):g}; a later release keeps the protocol")
     earlier = sorted(set(eids) | set(meta.get("earlier_eids", [])))
-    return int(meta.get("release", 1)) + 1, earlier, asym
+    return int(meta.get("release", 1)) + 1, earlier, theirs
 
 
 def write_subject(root: Path, subject: Subject, station_format: str, key: dict) -> None:
@@ -198,10 +204,10 @@ def read_record(root: Path, eid: str, key: dict | None = None) -> dict | None:
 
 
 def _generate_one(root: str, eid: str, seed: int, scale: float, station_format: str,
-                  key: dict, protocol: str = "ukb",
-                  thigh_asymmetry: float = anatomy.THIGH_ASYMMETRY_SD) -> str:
+                  key: dict, protocol: str = "ukb", population: Mapping[str, float] | None = None
+                  ) -> str:
     subject = cohort.make_subject(eid, seed, scale, stations=True, protocol=protocol,
-                                  thigh_asymmetry=thigh_asymmetry)
+                                  **(population or {}))
     write_subject(Path(root), subject, station_format, key)
     return eid
 
@@ -239,7 +245,8 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
                     workers: int = 1, overwrite: bool = False, station_format: str = "nifti",
                     progress: bool = True, external: bool = False,
                     later_release_of: str | os.PathLike | None = None,
-                    thigh_asymmetry: float | None = None) -> Path:
+                    thigh_asymmetry: float | None = None,
+                    liver_fat_coupling: float | None = None) -> Path:
     """Generate a phantom cohort that looks like a UKB release (layout in the module docstring).
 
     Parameters
@@ -265,6 +272,9 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
         default (:data:`biometry.phantom.anatomy.THIGH_ASYMMETRY_SD`), or for a later release
         that of the cohort it follows (another value than that one is refused, like another
         ``scale``). A value other than the default is recorded in ``cohort.json``.
+    liver_fat_coupling : how far liver fat follows visceral fat and BMI (1, the default:
+        UKB-like; 0: independent, the liver the only evidence of it); None as for
+        ``thigh_asymmetry``, and recorded likewise (:mod:`biometry.config.population`).
 
     Returns
     -------
@@ -277,8 +287,8 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
     if int(seed) != seed or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     scale = anatomy.check_scale(scale)
-    if thigh_asymmetry is not None:  # before anything is written
-        thigh_asymmetry = anatomy.check_thigh_asymmetry(thigh_asymmetry)
+    given = {"thigh_asymmetry": thigh_asymmetry, "liver_fat_coupling": liver_fat_coupling}
+    options = population_options(given)  # checked before anything is written
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if station_format not in STATION_FORMATS:
@@ -296,13 +306,10 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
             raise ValueError("an external cohort has no later release")
         if Path(later_release_of).resolve() == root.resolve():
             raise ValueError(f"{root}: a later release needs its own folder")
-        # the protocol of the release it follows, thigh asymmetry included
-        release, earlier, thigh_asymmetry = earlier_release(later_release_of, scale,
-                                                            thigh_asymmetry)
-    asym = anatomy.THIGH_ASYMMETRY_SD if thigh_asymmetry is None else thigh_asymmetry
+        # the protocol of the release it follows, population options included
+        release, earlier, options = earlier_release(later_release_of, scale, given)
     key = _cohort_key(seed, scale, station_format, release)
-    if asym != anatomy.THIGH_ASYMMETRY_SD:  # only then: a default cohort's key stays as it was
-        key["thigh_asymmetry"] = asym
+    key.update(non_default(options))  # only those: a default cohort's key stays as it was
     protocol = "external" if external else "ukb"
     if external:  # only then: a UKB cohort's key (and cohort.json) stays as it was
         key["protocol"] = protocol
@@ -333,13 +340,13 @@ def generate_cohort(out_dir: str | os.PathLike, n_subjects: int, seed: int, scal
         if workers == 1 or len(todo) <= 1:
             for i, e in todo:
                 _generate_one(str(root), e, seed_of(seed, i), scale, station_format, key, protocol,
-                              asym)
+                              options)
                 if bar is not None:
                     bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as ex:
                 futs = [ex.submit(_generate_one, str(root), e, seed_of(seed, i), scale,
-                                  station_format, key, protocol, asym) for i, e in todo]
+                                  station_format, key, protocol, options) for i, e in todo]
                 for fut in as_completed(futs):
                     fut.result()
                     if bar is not None:
@@ -406,6 +413,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--thigh-asymmetry", type=float, default=None, metavar="SD",
                     help="SD of the relative left/right thigh-muscle difference (default 0.02, "
                          "UKB-like; the saliency check uses 0.10)")
+    ap.add_argument("--liver-fat-coupling", type=float, default=None, metavar="C",
+                    help="how far liver fat follows visceral fat and BMI, in [0, 1] (default 1, "
+                         "UKB-like; 0: independent, as in the saliency-check-liver study)")
     return ap.parse_args(argv)
 
 
@@ -426,7 +436,8 @@ def _main(argv: list[str]) -> int:
         generate_cohort(out, a.subjects, a.seed, scale=a.scale, workers=a.workers,
                         overwrite=a.overwrite, station_format=a.station_format,
                         progress=not a.no_progress, external=a.external,
-                        later_release_of=a.later_release_of, thigh_asymmetry=a.thigh_asymmetry)
+                        later_release_of=a.later_release_of, thigh_asymmetry=a.thigh_asymmetry,
+                        liver_fat_coupling=a.liver_fat_coupling)
     except (ValueError, FileExistsError) as exc:
         raise UsageError(str(exc)) from None
     print(f"phantom cohort of {a.subjects} subjects written to {out}")

@@ -23,6 +23,7 @@ import pandas as pd
 
 from biometry import fileio
 from biometry.config import fields
+from biometry.config.population import POPULATION
 from biometry.config.study import data_paths, default_runs_root, load_study
 from biometry.runs.pipeline import StageError, run_study
 from biometry.runs.runner import RunSpec, execute_run, run_dir_for
@@ -53,8 +54,8 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
     _stage(RunSpec(study.name, "phantom", {
         "out_dir": str(paths.cohort), "subjects": int(data.get("subjects", 300)),
         "seed": int(data.get("seed", 0)), "scale": float(data.get("scale", 0.5)),
-        "workers": data_workers, **({"thigh_asymmetry": float(data["thigh_asymmetry"])}
-                                    if "thigh_asymmetry" in data else {})}), root, force)
+        "workers": data_workers,  # the population's options only where the study sets them
+        **{k: float(data[k]) for k in POPULATION if k in data}}), root, force)
     _stage(RunSpec(study.name, "prepare", {
         "input_dir": str(paths.cohort), "out_dir": str(paths.prepared),
         "formats": [study.format], "workers": data_workers}), root, force)
