@@ -6,7 +6,7 @@ Usage: python benchmarks/saliency.py [--subjects 12] [--layer layer4] [--input-s
        [--store DIR]   (a prepared store with the projection format; default: phantom subjects
                         made here at the demo's scale 0.35)
        python benchmarks/saliency.py --stage --store DIR --fields-csv FILE [--subjects N]
-                       [--layer layer3] [--folds 3]
+                       [--layer layer4] [--folds 3]
                        (the stage's own function, ``study_field_saliency``, on the store's first
                         N subjects, both sexes: reference choice, maps, registration with every
                         transform written, warping, aggregation, outputs; ``--folds`` networks

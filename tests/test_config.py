@@ -103,6 +103,15 @@ def test_other_errors(tmp_path):
                                                   liver_fat_coupling=0)))
     # the options are checked, never mistaken for the study's own settings
     assert both.data["liver_fat_coupling"] == 0 and both.name == "demo"
+    with pytest.raises(StudyError, match=r"unknown key data.liver_coupling for a phantom study; "
+                                         r"did you mean 'liver_fat_coupling'\? \(known: "):
+        load_study(_write(tmp_path, data=dict(phantom, liver_coupling=0.0)))
+    with pytest.raises(StudyError, match=r"data.liver_fat_coupling must be a number in \[0, 1\]"
+                                         r".*got '0.5'"):
+        load_study(_write(tmp_path, data=dict(phantom, liver_fat_coupling="0.5")))
+    # null, as None in the API and the CLI, is the default
+    assert load_study(_write(tmp_path, data=dict(phantom, liver_fat_coupling=None))).data[
+        "liver_fat_coupling"] is None
 
 
 def test_label_counts_and_store_format_checks():

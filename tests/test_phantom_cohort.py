@@ -216,9 +216,11 @@ def test_cohort_notebook_runs(tmp_path):
     out_dir = tmp_path / "cohort"
     executed = execute_notebook(source, tmp_path / "run" / "00_phantom_cohort.ipynb",
                                 parameters={"out_dir": str(out_dir), "subjects": 6, "seed": 3,
-                                            "scale": 0.25}, cwd=tmp_path)
+                                            "scale": 0.25, "liver_fat_coupling": 0.0},
+                                cwd=tmp_path)
     assert executed.is_file()
-    assert json.loads((out_dir / "cohort.json").read_text())["complete"] is True
+    meta = json.loads((out_dir / "cohort.json").read_text())
+    assert meta["complete"] is True and meta["liver_fat_coupling"] == 0.0
     assert len(pd.read_csv(out_dir / "fields.csv")) == 6
 
 
@@ -245,11 +247,23 @@ def test_a_later_release_keeps_the_population_options(tmp_path, option, value, o
     later = generate_cohort(tmp_path / "b", 1, 1, scale=0.15, progress=False,
                             later_release_of=first)
     assert json.loads((later / "cohort.json").read_text())[option] == value
+    # and its subjects are drawn with it, not with the default
+    eid = pd.read_csv(later / "fields.csv", dtype={"eid": str})["eid"][0]
+    truth = pd.read_csv(later / "truth" / "parameters.csv", dtype={"eid": str}).iloc[0]
+    seed = writer.cohort.subject_seed(1, 0, 2)  # cohort seed 1, first subject, release 2
+    kept = writer.cohort.make_subject(eid, seed, 0.15, stations=False, **{option: value})
+    default = writer.cohort.make_subject(eid, seed, 0.15, stations=False)
+    key = "thigh_asym" if option == "thigh_asymmetry" else "liver_fat_fraction"
+    assert truth[key] == pytest.approx(kept.params[key]) != pytest.approx(default.params[key])
     with pytest.raises(ValueError, match=f"has {option} {value:g}, this one {other:g}; a later "
                                          f"release keeps the protocol"):
         generate_cohort(tmp_path / "d", 1, 1, scale=0.15, progress=False,
                         later_release_of=first, **{option: other})
     assert not (tmp_path / "d" / "cohort.json").exists()
+    broken = json.loads((first / "cohort.json").read_text()) | {option: 7}
+    (first / "cohort.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=f"{first}: cohort.json: {option} must be a number in"):
+        generate_cohort(tmp_path / "e", 1, 1, scale=0.15, progress=False, later_release_of=first)
     # the default, given or not, is the default cohort: nothing recorded
     plain = generate_cohort(tmp_path / "c", 1, 1, scale=0.15, progress=False,
                             **{option: POPULATION[option].default})
@@ -277,3 +291,13 @@ def test_liver_fat_coupling_zero_leaves_the_liver_the_only_evidence():
     _, half = sample_fields(120, 4, liver_fat_coupling=0.5)
     r_half = np.corrcoef(np.log(half["liver_fat_fraction"]), half["visceral_fatness"])[0, 1]
     assert r_free < r_half < r_ukb
+
+
+def test_the_default_population_is_what_it_was():
+    """Pinned values of the UKB-like phantom (seed 4), computed before the population options
+    existed: adding an option must not change the default cohort."""
+    _, truth = sample_fields(3, 4)
+    np.testing.assert_allclose(truth["liver_fat_fraction"],
+                               [0.006699947097, 0.020801875723, 0.003494506773], atol=1e-11)
+    np.testing.assert_allclose(truth["thigh_asym"],
+                               [-0.001114656769, 0.010725755697, 0.008199347258], atol=1e-11)

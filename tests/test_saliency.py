@@ -267,6 +267,24 @@ def test_registration_never_lowers_the_ncc(tmp_path, subjects):
     np.testing.assert_allclose(registration.warp(m, same), m, atol=1e-5)
 
 
+def test_transforms_of_another_method_are_not_reused(tmp_path, subjects):
+    """A transform folder from before the stage rule (no registration.json) or from other
+    settings is emptied when opened, so register_cached computes again; the same method keeps it."""
+    images = [projection(phantom.fused_truth(s))[0].astype(np.float32) for s in subjects[:2]]
+    folder = tmp_path / "female_1"
+    folder.mkdir()
+    (folder / "7.tfm").write_text("a transform of version 1")
+    (folder / "7.ncc").write_text("0.9 0.8")
+    registration.open_transform_cache(folder)
+    assert not (folder / "7.tfm").exists() and (folder / "registration.json").is_file()
+    st = registration.register_cached(folder, "7", images[0], images[1])
+    registration.open_transform_cache(folder)  # the same method: kept
+    again = registration.register_cached(folder, "7", images[0], images[0])
+    assert again.ncc_after == st.ncc_after and (folder / "7.tfm").is_file()
+    registration.open_transform_cache(folder, registration.RegistrationSettings(seed=2))
+    assert not (folder / "7.tfm").exists()
+
+
 def test_drawn_subjects_do_not_depend_on_the_store_row_order():
     """Two stores with the same subjects in different row orders give the same saliency subjects
     (two demo runs differed here before: the draw was by position in the store)."""

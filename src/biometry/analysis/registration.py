@@ -15,14 +15,17 @@ Coordinates are pixels of the stored image (spacing 1). Registration runs on a p
 at a quarter of the stored resolution (shrink 4: 64 px for a 256 px image, the demo network's input
 size), as the original ``deform`` parameters stopped above full resolution: the maps being
 aligned are no sharper than that (layer3 of a ResNet at 64 px is 4 x 4). The B-spline metric
-samples 20 % of the pixels (seeded, so the result is deterministic). A stage that lowers the NCC
-at the stored resolution is dropped (identity, affine alone, or both stages: the best), so a
-subject already close to the reference is not made worse. Speeds and the alignment reached are
+samples 20 % of the pixels (seeded, so the result is deterministic). Each view keeps the identity,
+the affine alone or both stages, whichever has the highest NCC at the stored resolution, so a
+subject already close to the reference is not made worse. A transform folder records the method's
+version and settings (``registration.json``); transforms of another are computed again. Speeds and the alignment reached are
 in ``BENCHMARKS.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from biometry.fileio import atomic_path
+from biometry.fileio import atomic_path, write_json
 
 #: first column of the sagittal view in a 256-wide [coronal | sagittal] image at the UKB geometry:
 #: 224 R-L voxels beside 152 A-P voxels (174 minus the 22 of the bed) -> 256 * 224 / 376
@@ -192,11 +195,43 @@ def load_transform(path: str | os.PathLike) -> SubjectTransform:
     return SubjectTransform(cor, sag, before, after)
 
 
+#: the registration method's version: 2 keeps a stage only where it raises the NCC
+#: (:func:`register_view`). Saved transforms of another version or other settings are not reused.
+REGISTRATION_VERSION = 2
+
+
+def open_transform_cache(directory: str | os.PathLike,
+                         settings: RegistrationSettings = RegistrationSettings()) -> Path:
+    """Make ``directory`` a cache of transforms computed by this method with ``settings``.
+
+    ``registration.json`` records the method's version and the settings; when it is missing
+    (transforms of a version before 2) or differs, the saved transforms in the folder are
+    removed, so that :func:`register_cached` computes them again instead of reusing a result
+    whose method changed. Returns the folder.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = json.loads(json.dumps({"version": REGISTRATION_VERSION,
+                                 "settings": dataclasses.asdict(settings)}))
+    record = directory / "registration.json"
+    try:
+        same = json.loads(record.read_text()) == key
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        for pattern in ("*.tfm", "*.ncc"):
+            for old in directory.glob(pattern):
+                old.unlink()
+        write_json(record, key)
+    return directory
+
+
 def register_cached(directory: str | os.PathLike, eid: str, fixed: np.ndarray, moving: np.ndarray,
                     split: int = DEFAULT_SPLIT,
                     settings: RegistrationSettings = RegistrationSettings()) -> SubjectTransform:
     """:func:`register` once per subject: read ``<directory>/<eid>.tfm`` if present, else compute
-    and save it. ``directory`` belongs to one reference (see :func:`choose_reference`)."""
+    and save it. ``directory`` belongs to one reference (see :func:`choose_reference`) and is
+    opened once with :func:`open_transform_cache`, which drops transforms of another method."""
     path = Path(directory) / f"{eid}.tfm"
     if path.is_file():
         return load_transform(path)

@@ -448,6 +448,7 @@ def field_saliency(store: Store, fmt: str, eids: Sequence[str], reference: str,
                          f"them out)")
     arr = store.array(fmt)
     fixed = water_images(store, fmt, [reference])[0]
+    registration.open_transform_cache(transform_dir)  # transforms of another method: redone
     total = np.zeros(fixed.shape, dtype=np.float64)
     total_occ = np.zeros(fixed.shape, dtype=np.float64)
     rows, failed = [], {}

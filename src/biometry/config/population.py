@@ -37,12 +37,13 @@ POPULATION: dict[str, PopulationOption] = {
 }
 
 
-def check_population_value(name: str, value: object) -> float:
-    """``value`` of option ``name`` as a float in its range, else ValueError naming both."""
+def check_population_value(name: str, value: object, strict: bool = False) -> float:
+    """``value`` of option ``name`` as a float in its range, else ValueError naming both.
+    ``strict`` (a study's YAML) refuses text such as ``"0.5"``, which a command line gives."""
     if name not in POPULATION:
         raise ValueError(f"unknown population option {name!r}; known: {', '.join(POPULATION)}")
     opt = POPULATION[name]
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (strict and isinstance(value, str)):
         number = math.nan
     else:
         try:

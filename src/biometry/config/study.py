@@ -32,6 +32,7 @@ Errors are ``StudyError`` (a ``ValueError``) with a one-line message naming the 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from biometry.config.paths import STUDIES_DIR, figures_dir, runs_dir
 from biometry.config.population import POPULATION, check_population_value
 from biometry.config.training import TrainConfig
 
+#: the ``data:`` keys of a phantom study, besides the population options
+_PHANTOM_DATA_KEYS = {"source", "subjects", "seed", "scale"}
 _TOP_KEYS = {"name", "description", "data", "format", "fields", "multi_field", "folds",
              "train_folds", "split_seed", "calibration", "min_labelled_per_fold", "training",
              "dispatch", "network_name", "stratify", "thigh", "liver",
@@ -293,13 +296,24 @@ def study_from_dict(raw: Mapping[str, Any], path: str | os.PathLike = "<dict>") 
     if data.get("source") not in ("phantom", "ukb"):
         raise StudyError(f"{where}: data.source must be 'phantom' or 'ukb'")
     for option in sorted(set(data) & set(POPULATION)):  # the phantom's (docs/phantom.md)
+        value = data[option]
+        if value is None:  # as in the API and the CLI: the default
+            continue
         if data["source"] != "phantom":
             raise StudyError(f"{where}: data.{option} is an option of the phantom; this "
                              f"study's data.source is {data['source']!r}")
         try:
-            check_population_value(option, data[option])
+            check_population_value(option, value, strict=True)
         except ValueError as exc:
             raise StudyError(f"{where}: data.{exc}") from None
+    if data["source"] == "phantom":  # a mistyped option would silently give the default
+        unknown = sorted(set(data) - _PHANTOM_DATA_KEYS - set(POPULATION))
+        if unknown:
+            known = sorted(_PHANTOM_DATA_KEYS | set(POPULATION))
+            close = difflib.get_close_matches(unknown[0], known, 1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise StudyError(f"{where}: unknown key data.{unknown[0]} for a phantom study; "
+                             f"{hint}(known: {', '.join(known)})")
     stratify = raw.get("stratify")
     if stratify is not None:
         stratify = "31" if str(stratify) == "sex" else str(stratify)

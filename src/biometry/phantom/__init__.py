@@ -5,10 +5,12 @@ release, with their ground truth (see ``docs/phantom.md``). May import ``config`
 Public API
 ----------
 generate_cohort(out_dir, n_subjects, seed, scale=1.0, workers=1, overwrite=False,
-                station_format="nifti", progress=True) -> Path
-make_subject(eid, seed, scale=1.0, stations=True) -> Subject
+                station_format="nifti", progress=True, external=False, later_release_of=None,
+                thigh_asymmetry=None, liver_fat_coupling=None) -> Path
+make_subject(eid, seed, scale=1.0, stations=True, protocol="ukb", **population) -> Subject
 fused_truth(subject) -> biometry.data.types.Volume
-sample_fields(n, seed, scale=0.15) -> (observed, truth) DataFrames, no images
+sample_fields(n, seed, scale=0.15, **population) -> (observed, truth) DataFrames, no images
+    (population: the options of ``biometry.config.population``, e.g. liver_fat_coupling=0)
 label_footprints(labels, spacing_y) -> {region: (256, 256) bool} in the projection's geometry
 main(argv) -> int   (``biometry synth``)
 """

@@ -185,11 +185,6 @@ THIGH_ASYMMETRY_SD = POPULATION["thigh_asymmetry"].default
 LIVER_FAT_COUPLING = POPULATION["liver_fat_coupling"].default
 
 
-def check_thigh_asymmetry(sd: float) -> float:
-    """``sd`` as a float in [0, 0.5], else ValueError naming it."""
-    return check_population_value("thigh_asymmetry", sd)
-
-
 def draw_parameters(rng: np.random.Generator, thigh_asymmetry: float = THIGH_ASYMMETRY_SD,
                     liver_fat_coupling: float = LIVER_FAT_COUPLING) -> dict[str, float]:
     """Draw one subject's demographic and latent body parameters.
@@ -242,7 +237,7 @@ def draw_parameters(rng: np.random.Generator, thigh_asymmetry: float = THIGH_ASY
     for region in ("trunk", "legs", "arms"):
         p[f"lean_{region}"] = float(np.clip(rng.normal(1.0, 0.035), 0.85, 1.15))
     # left/right asymmetry of thigh muscle (+: left larger), occasional strong atrophy
-    p["thigh_asym"] = float(check_thigh_asymmetry(thigh_asymmetry) * rng.normal(0.0, 1.0))
+    p["thigh_asym"] = float(check_population_value("thigh_asymmetry", thigh_asymmetry) * rng.normal(0.0, 1.0))
     p["atrophy_side"] = 0.0
     p["atrophy_factor"] = 1.0
     if rng.random() < 0.03:

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from biometry.config import population as population_module
 from biometry.config.population import POPULATION, non_default
 from biometry.config.population import population as population_options
 from biometry.data.ingest import write_ukb_zip
@@ -96,10 +97,11 @@ def record_path(root: str | os.PathLike, eid: str) -> Path:
 
 
 def code_fingerprint() -> str:
-    """SHA-256 (first 16 hex digits) of the generator's source files: a resume never keeps
-    subjects that an edited generator would write differently."""
+    """SHA-256 (first 16 hex digits) of the generator's source files and of the population
+    options' table: a resume never keeps subjects that an edited generator would write
+    differently."""
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
+    for f in sorted(Path(__file__).parent.glob("*.py")) + [Path(population_module.__file__)]:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -130,11 +132,15 @@ def earlier_release(root: str | os.PathLike, scale: float,
     if abs(float(meta.get("scale", -1)) - float(scale)) > 1e-9:
         raise ValueError(f"{root}: the earlier release has scale {meta.get('scale')}, this one "
                          f"{scale}; a later release keeps the protocol")
-    theirs = population_options({k: meta.get(k) for k in POPULATION})
+    try:
+        theirs = population_options({k: meta.get(k) for k in POPULATION})
+    except ValueError as exc:
+        raise ValueError(f"{root}: cohort.json: {exc}") from None
+    mine = population_options(population)  # names and values checked
     for name, value in (population or {}).items():
-        if value is not None and abs(float(value) - theirs[name]) > 1e-12:
+        if value is not None and abs(mine[name] - theirs[name]) > 1e-12:
             raise ValueError(f"{root}: the earlier release has {name} {theirs[name]:g}, this "
-                             f"one {float(value):g}; a later release keeps the protocol")
+                             f"one {mine[name]:g}; a later release keeps the protocol")
     earlier = sorted(set(eids) | set(meta.get("earlier_eids", [])))
     return int(meta.get("release", 1)) + 1, earlier, theirs
 

@@ -55,7 +55,7 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
         "out_dir": str(paths.cohort), "subjects": int(data.get("subjects", 300)),
         "seed": int(data.get("seed", 0)), "scale": float(data.get("scale", 0.5)),
         "workers": data_workers,  # the population's options only where the study sets them
-        **{k: float(data[k]) for k in POPULATION if k in data}}), root, force)
+        **{k: float(data[k]) for k in POPULATION if data.get(k) is not None}}), root, force)
     _stage(RunSpec(study.name, "prepare", {
         "input_dir": str(paths.cohort), "out_dir": str(paths.prepared),
         "formats": [study.format], "workers": data_workers}), root, force)

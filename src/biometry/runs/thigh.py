@@ -26,6 +26,7 @@ import torch
 
 from biometry import fileio
 from biometry.analysis import thigh as evaluation
+from biometry.config.population import POPULATION
 from biometry.config.study import Study, data_paths, load_study, resolve_study
 from biometry.data.prepare import prepare
 from biometry.data.store import Store
@@ -53,11 +54,11 @@ class ThighData:
 
 
 def _phantom_cohort(root: Path, prepared: Path, subjects: int, seed: int, scale: float,
-                    external: bool, workers: int, progress: bool) -> None:
+                    external: bool, workers: int, progress: bool, **population: float) -> None:
     done = Store.open(prepared).eids if (prepared / "store.json").is_file() else []
     if len(done) < subjects:
         generate_cohort(root, subjects, seed, scale=scale, workers=workers, overwrite=True,
-                        progress=progress, external=external)
+                        progress=progress, external=external, **population)
         prepare(root, prepared, formats=["thigh"], workers=workers, progress=progress)
 
 
@@ -75,7 +76,8 @@ def load_data(study: str | Path | Study, runs_root=None, data_dir=None, workers:
     if study.data.get("source") == "phantom" and data_dir is None:
         d = study.data
         _phantom_cohort(paths.cohort, paths.prepared, int(d["subjects"]), int(d["seed"]),
-                        float(d["scale"]), False, workers, progress)
+                        float(d["scale"]), False, workers, progress,
+                        **{k: d[k] for k in POPULATION if d.get(k) is not None})
         if ext_cfg:
             base = paths.cohort.parent
             ext_paths = (base / "external" / "cohort", base / "external" / "prepared")
