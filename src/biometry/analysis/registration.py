@@ -18,8 +18,8 @@ aligned are no sharper than that (layer3 of a ResNet at 64 px is 4 x 4). The B-s
 samples 20 % of the pixels (seeded, so the result is deterministic). Each view keeps the identity,
 the affine alone or both stages, whichever has the highest NCC at the stored resolution, so a
 subject already close to the reference is not made worse. A transform folder records the method's
-version and settings (``registration.json``); transforms of another are computed again. Speeds and the alignment reached are
-in ``BENCHMARKS.md``.
+version and settings (``registration.json``); transforms of another are computed again. Speeds
+and the alignment reached are in ``BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def register_view(fixed: np.ndarray, moving: np.ndarray,
     # BENCHMARKS.md). Ties keep the simpler transform.
     stages = [sitk.CompositeTransform(sitk.AffineTransform(2)), sitk.CompositeTransform(affine),
               composite]
-    scores = [ncc(fixed, warp_view(moving, fixed.shape, t)) for t in stages]
+    scores = [ncc(fixed, moving)] + [ncc(fixed, warp_view(moving, fixed.shape, t))
+                                     for t in stages[1:]]
     return stages[int(np.argmax(scores))]
 
 
@@ -211,6 +212,7 @@ def open_transform_cache(directory: str | os.PathLike,
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # through JSON, so that the settings' tuples compare equal to the lists read back
     key = json.loads(json.dumps({"version": REGISTRATION_VERSION,
                                  "settings": dataclasses.asdict(settings)}))
     record = directory / "registration.json"

@@ -71,3 +71,8 @@ def non_default(options: Mapping[str, float]) -> dict[str, float]:
     """The options of ``options`` whose value differs from the default (what a cohort records)."""
     return {k: float(v) for k, v in options.items()
             if k in POPULATION and float(v) != POPULATION[k].default}
+
+
+def options_of(data: Mapping[str, object]) -> dict[str, object]:
+    """The population options a study's ``data:`` block sets (a null one means the default)."""
+    return {k: data[k] for k in POPULATION if data.get(k) is not None}

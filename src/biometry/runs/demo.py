@@ -23,7 +23,7 @@ import pandas as pd
 
 from biometry import fileio
 from biometry.config import fields
-from biometry.config.population import POPULATION
+from biometry.config.population import options_of
 from biometry.config.study import data_paths, default_runs_root, load_study
 from biometry.runs.pipeline import StageError, run_study
 from biometry.runs.runner import RunSpec, execute_run, run_dir_for
@@ -55,7 +55,7 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
         "out_dir": str(paths.cohort), "subjects": int(data.get("subjects", 300)),
         "seed": int(data.get("seed", 0)), "scale": float(data.get("scale", 0.5)),
         "workers": data_workers,  # the population's options only where the study sets them
-        **{k: float(data[k]) for k in POPULATION if data.get(k) is not None}}), root, force)
+        **{k: float(v) for k, v in options_of(data).items()}}), root, force)
     _stage(RunSpec(study.name, "prepare", {
         "input_dir": str(paths.cohort), "out_dir": str(paths.prepared),
         "formats": [study.format], "workers": data_workers}), root, force)

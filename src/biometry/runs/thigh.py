@@ -26,7 +26,7 @@ import torch
 
 from biometry import fileio
 from biometry.analysis import thigh as evaluation
-from biometry.config.population import POPULATION
+from biometry.config.population import options_of
 from biometry.config.study import Study, data_paths, load_study, resolve_study
 from biometry.data.prepare import prepare
 from biometry.data.store import Store
@@ -77,7 +77,7 @@ def load_data(study: str | Path | Study, runs_root=None, data_dir=None, workers:
         d = study.data
         _phantom_cohort(paths.cohort, paths.prepared, int(d["subjects"]), int(d["seed"]),
                         float(d["scale"]), False, workers, progress,
-                        **{k: d[k] for k in POPULATION if d.get(k) is not None})
+                        **options_of(d))
         if ext_cfg:
             base = paths.cohort.parent
             ext_paths = (base / "external" / "cohort", base / "external" / "prepared")
