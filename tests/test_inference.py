@@ -234,6 +234,19 @@ def test_engine_end_to_end_with_a_corrupt_zip(bundle_dir, release, tmp_path, cap
     assert res.n_cached == 3 and res.prepare_seconds < 5
     pd.testing.assert_frame_equal(res.predictions.reset_index(drop=True),
                                   pred.astype({"eid": object}), check_dtype=False)
+    # a cached subject whose zip changed since is never predicted from its old images
+    changed = tmp_path / "changed"
+    shutil.copytree(release / "zip", changed)
+    first = sorted(changed.glob("*.zip"))[0]
+    first.write_bytes(first.read_bytes() + b"\0")
+    capsys.readouterr()
+    rc = cli_main(["infer", "--model", str(bundle_dir), "--input", str(changed),
+                   "--out", str(tmp_path / "changed.csv"), "--no-progress",
+                   "--cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert first.name.split("_")[0] in err[0] and "--cache" in err[0], err
+    assert not (tmp_path / "changed.csv").exists()
 
 
 @pytest.mark.slow
@@ -316,3 +329,14 @@ def test_notebooks_calibrate_and_the_release_stage(trained, tmp_path):
                      {"study": str(study), "runs_root": str(runs_root), "out_dir": str(fig_out)})
     assert (fig_out / "fig_later_release.png").stat().st_size > 10_000
     assert (rel / "release_vs_cv.png").is_file() and (rel / "release_calibration.png").is_file()
+    # a release subject's files change: the stage's own cache is made again, never reused
+    from biometry.runs.release import run_release
+    a, b = sorted((release / "nifti").iterdir())[:2]
+    (a / "station_3_water.nii.gz").write_bytes((b / "station_3_water.nii.gz").read_bytes())
+    again = tmp_path / "again"
+    run_release(str(study), again, runs_root=runs_root, workers=1, min_references=1,
+                progress=False)
+    new = pd.read_csv(again / "predictions.csv", dtype={"eid": str}).set_index("eid")
+    old = pred.set_index("eid")
+    assert new.loc[a.name, "21002_mean"] != pytest.approx(old.loc[a.name, "21002_mean"])
+    assert new.loc[b.name, "21002_mean"] == pytest.approx(old.loc[b.name, "21002_mean"])

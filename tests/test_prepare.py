@@ -103,6 +103,48 @@ def test_rerun_skips_done_subjects_and_appends_new_ones(cohort, tmp_path):
     assert Store.open(out).qc.set_index("eid").loc["2000002", "status"] == "ok"
 
 
+def test_a_subject_whose_files_changed_is_never_reused(cohort, tmp_path, capsys):
+    import os
+    import shutil
+
+    out = tmp_path / "store"
+    prep.prepare(cohort, out, progress=False, spacing=SPACING)
+    index = (out / "subjects.csv").read_bytes()
+    # the same files copied elsewhere (new paths, new times), one touched, a stray file beside
+    # the stations: nothing redone; the contents decided, and the new times are recorded
+    copy = tmp_path / "copy"
+    shutil.copytree(cohort, copy, copy_function=shutil.copy)
+    some = sorted((copy / "1000001").iterdir())[0]
+    os.utime(some, ns=(some.stat().st_atime_ns, some.stat().st_mtime_ns + 10**9))
+    (copy / "1000003" / "notes.txt").write_text("scanned twice")
+    again = prep.prepare(copy, out, progress=False, spacing=SPACING)
+    assert (again.n_done, again.n_skipped) == (0, 6)
+    copied = prep.Subject("1000001", str(copy / "1000001"), "nifti")
+    recorded = Store.open(out).qc.set_index("eid").loc["1000001", "source_stat"]
+    assert recorded == prep.source_fingerprint(copied)["source_stat"]
+    # a failed subject whose files were mended is tried again without --retry-failed
+    write_subject(cohort, "2000002", 8)
+    mended = prep.prepare(cohort, out, progress=False, spacing=SPACING)
+    assert mended.n_done == 1 and sorted(mended.failed["eid"]) == ["2000001", "2000003"]
+    index = (out / "subjects.csv").read_bytes()
+    # a stored subject whose images changed: refused before any work, naming store and subject
+    write_subject(cohort, "1000002", 5)
+    with pytest.raises(prep.SourceChanged, match=r"1 subject\(s\) there were prepared from other"):
+        prep.prepare(cohort, out, progress=False, spacing=SPACING)
+    rc = prep.main(["--input", str(cohort), "--out", str(out), "--no-progress", *SPACING_ARGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "1000002" in err[0] and str(out) in err[0], err
+    assert (out / "subjects.csv").read_bytes() == index  # the store as it was
+    # a new store folder takes the changed input
+    fresh = prep.prepare(cohort, tmp_path / "new", progress=False, spacing=SPACING)
+    assert fresh.n_done == 4
+    # a store written before fingerprints were recorded is trusted as it is
+    qc = pd.read_csv(out / "qc.csv", dtype=str).drop(columns=["source_stat", "source_sha256"])
+    qc.to_csv(out / "qc.csv", index=False)
+    legacy = prep.prepare(cohort, out, progress=False, spacing=SPACING)
+    assert legacy.n_done == 0
+
+
 def test_same_result_as_direct_computation(cohort, tmp_path):
     from biometry.data import formats
     from biometry.data.volumes import load_subject

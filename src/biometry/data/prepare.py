@@ -29,11 +29,23 @@ which chunk finished first; everything downstream orders subjects by eid instead
 the store or failed before (``retry_failed`` redoes the failed ones). A subject that fails gets a
 QC row naming the stage and the error; the others go on; the exit status is 1 if any subject of
 the input is failed in the store.
+
+**A stored subject is never reused once its source changed.** Each attempt records in its QC row
+a fingerprint of the files that preparing the subject reads (:func:`source_files`; stray files
+beside them do not count): ``source_size`` (names and sizes), ``source_stat`` (and modification
+times), ``source_sha256`` (names and contents). A resumed run compares (:func:`verify_sources`):
+sizes and times alike, the same files; a size differs, changed; only the times differ (a copied
+or restored folder), the contents decide, and a match records the new times. A failed subject
+whose files changed is tried again; a subject with arrays whose files changed stops the run
+before any work with one line naming the store and the subjects (:class:`SourceChanged`): a store
+is append-only, so those subjects belong in a new store folder. Stores written before
+fingerprints were recorded are trusted as they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -59,6 +71,126 @@ DEFAULT_FORMATS: tuple[str, ...] = ("projection", "fat_fraction_slices", "mimir"
 DEFAULT_CHUNK_SIZE: int = 16
 _ZIP_RE = re.compile(r"^(\d+)_20201_(\d+)_(\d+)\.zip$")
 _NIFTI_GLOB = "station_*.nii*"
+_NIFTI_STEM = re.compile(r"\.nii(\.gz)?$")
+
+
+class SourceChanged(ValueError):
+    """Subjects of a store whose source files changed since they were prepared."""
+
+
+def source_files(subject: Subject) -> list[Path]:
+    """The files that preparing ``subject`` reads: its zip; its ``station_*`` files; or its
+    converter output's NIfTI files with their JSON sidecars. Stray files beside them (notes,
+    masks, ``.DS_Store``) are not part of the subject."""
+    path = Path(subject.source)
+    if subject.kind == "zip":
+        return [path]
+    if subject.kind == "nifti":
+        return sorted(path.glob(_NIFTI_GLOB))
+    files = []
+    for f in nifti_files(path):
+        files.append(f)
+        sidecar = f.with_name(_NIFTI_STEM.sub("", f.name) + ".json")
+        if sidecar.is_file():
+            files.append(sidecar)
+    return files
+
+
+def _relative(path: Path, source: Path) -> str:
+    return path.name if path == source else path.relative_to(source).as_posix()
+
+
+def _stat_digest(subject: Subject, times: bool) -> str:
+    h = hashlib.sha256()
+    for p in source_files(subject):
+        st = p.stat()
+        stamp = f"\t{st.st_mtime_ns}" if times else ""
+        h.update(f"{_relative(p, Path(subject.source))}\t{st.st_size}{stamp}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def source_sha256(subject: Subject) -> str:
+    """The fingerprint of a subject's files by content: their names and bytes."""
+    h = hashlib.sha256()
+    for p in source_files(subject):
+        h.update(f"{_relative(p, Path(subject.source))}\0".encode())
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def source_fingerprint(subject: Subject) -> dict[str, str]:
+    """The QC row's fingerprint of a subject's files (empty when they are unreadable):
+    ``source_size`` (names and sizes), ``source_stat`` (with modification times) and
+    ``source_sha256`` (names and contents)."""
+    try:
+        return {"source_size": _stat_digest(subject, False),
+                "source_stat": _stat_digest(subject, True),
+                "source_sha256": source_sha256(subject)}
+    except OSError:
+        return {}
+
+
+def verify_sources(store: Store, subjects: Sequence[Subject], progress: bool = False,
+                   hint: str | None = None) -> set[str]:
+    """Compare ``subjects`` with the fingerprints their latest attempt recorded in ``store``.
+
+    Sizes and times alike: the same files. A size differs: changed. Only the times differ (a
+    copied or restored folder): the contents decide, and a match records the new times so that
+    the next run does not read the files again. Subjects without a recorded fingerprint (never
+    attempted, or by an older version) are taken as they are.
+
+    Raises :class:`SourceChanged` naming the store and the subjects when a subject *with arrays*
+    changed, before anything is written, ending in ``hint`` (default: prepare into a new store
+    folder, or remove this one). Returns the failed subjects whose files changed (to be tried
+    again).
+    """
+    qc = store.qc
+    if "source_stat" not in qc.columns or not len(subjects):
+        return set()
+    recorded = qc.drop_duplicates("eid", keep="last").set_index("eid")
+    changed, to_hash = [], []
+    for s in subjects:
+        if s.eid not in recorded.index:
+            continue
+        row = recorded.loc[s.eid]
+        stat, size = row.get("source_stat"), row.get("source_size")
+        if not isinstance(stat, str) or not stat:
+            continue
+        try:
+            if _stat_digest(s, True) == stat:
+                continue
+            if isinstance(size, str) and size and _stat_digest(s, False) != size:
+                changed.append(s)
+            else:
+                to_hash.append(s)
+        except OSError:  # unreadable now: not the files that were prepared
+            changed.append(s)
+    restamped = []
+    for s in tqdm(to_hash, desc="checking sources", unit="subject", disable=not progress,
+                  file=sys.stderr):
+        try:
+            same = source_sha256(s) == recorded.at[s.eid, "source_sha256"]
+        except OSError:
+            same = False
+        if same:
+            restamped.append({**recorded.loc[s.eid].to_dict(), "eid": s.eid,
+                              "source_stat": _stat_digest(s, True)})
+        else:
+            changed.append(s)
+    stored = set(store.subjects["eid"])
+    stale = [s for s in changed if s.eid in stored]
+    if stale:
+        listed = ", ".join(f"{s.eid} ({s.source})" for s in stale[:5])
+        more = f" and {len(stale) - 5} more" if len(stale) > 5 else ""
+        raise SourceChanged(
+            f"{store.path}: {len(stale)} subject(s) there were prepared from other files than "
+            f"the input now holds: {listed}{more}; "
+            + (hint or f"prepare the input into a new store folder, or remove {store.path}"))
+    if restamped:
+        store.commit(None, [], None, restamped)
+    return {s.eid for s in changed}
 
 
 @dataclass(frozen=True)
@@ -238,7 +370,9 @@ def process_chunk(subjects: Sequence[Subject], store_path: str, part: str,
     eids, sources, qc_rows = [], [], []
     stacks: dict[str, list[np.ndarray]] = {f: [] for f in formats}
     for subject in subjects:
+        fingerprint = source_fingerprint(subject)  # before reading: what was prepared
         arrays, qc = prepare_subject(subject, formats, spacing)
+        qc.update(fingerprint)
         qc_rows.append(qc)
         if arrays is None:
             continue
@@ -327,7 +461,10 @@ def prepare_into(store: Store, subjects: Sequence[Subject], formats: Sequence[st
     Returns ``(subjects prepared now, subjects skipped)``.
     """
     done = store.done(retry_failed=retry_failed)
-    todo = [s for s in subjects if s.eid not in done]
+    progress = bar is not None and not getattr(bar, "disable", True)
+    # failed before, and their files changed since: try again
+    retry = verify_sources(store, [s for s in subjects if s.eid in done], progress)
+    todo = [s for s in subjects if s.eid not in done or s.eid in retry]
     if scheduler is None:  # small inputs: do not leave a worker without a chunk
         chunk_size = max(1, min(chunk_size, -(-len(todo) // workers)))
     chunks = _chunks(todo, chunk_size)

@@ -4,7 +4,8 @@ Layout of a store folder::
 
     store.json                    formats with their per-subject shape and dtype (written once)
     subjects.csv                  eid, row, part, offset, source, time: the commit point
-    qc.csv                        eid, status (ok/failed), stage, error, numeric fusion QC columns
+    qc.csv                        eid, status (ok/failed), stage, error, numeric fusion QC columns,
+                                  the source's fingerprint (source_size, source_stat, source_sha256)
     <format>/part-00000.npy       (n, C, H, W) uint8, one file per format and appended chunk
     <format>/part-00001.npy       ...
 
@@ -209,7 +210,10 @@ class Store:
         self.subjects = pd.read_csv(self.path / "subjects.csv", dtype={"eid": str, "source": str,
                                                                       "part": str, "time": str})
         self.qc = pd.read_csv(self.path / "qc.csv", dtype={"eid": str, "status": str,
-                                                           "stage": str, "error": str})
+                                                           "stage": str, "error": str,
+                                                           "source_size": str,
+                                                           "source_stat": str,
+                                                           "source_sha256": str})
 
     @property
     def eids(self) -> list[str]:

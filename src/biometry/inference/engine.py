@@ -39,6 +39,7 @@ from biometry.data.prepare import (
     find_subjects,
     phantom_spacing,
     prepare_into,
+    verify_sources,
 )
 from biometry.data.store import Store
 from biometry.data.types import UKB_SPACING
@@ -194,6 +195,10 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
     cache = Path(cache) if cache else out.parent / "cache"
     formats = list(dict.fromkeys(b.input_format for b in bundles))
 
+    for fmt in formats:  # every cache checked before any is added to
+        if (cache / f"{fmt}-{_grid_tag(grid)}" / "store.json").is_file():
+            verify_sources(Store.open(cache / f"{fmt}-{_grid_tag(grid)}"), subjects, progress,
+                           hint=f"give --cache a new folder, or remove {cache}")
     stores, n_cached = {}, len(subjects)
     for fmt in formats:
         stores[fmt], cached = prepare_cached(subjects, fmt, cache, grid, progress, retry_failed,

@@ -7,7 +7,10 @@
    feature-space, figures), as for any other study.
 
 Every stage is a run folder under ``papermill_runs/<study>/``; a finished stage is skipped when the
-demo is started again (for the same inputs), so an interrupted demo resumes where it stopped.
+demo is started again for the same inputs, so an interrupted demo resumes where it stopped. The
+phantom and prepare stages record their inputs like every later stage: an edited ``data:`` block
+(subjects, seed, scale, a population option) or an edited generator makes the cohort again, and a
+changed cohort the prepared store, from scratch; the trainings then see new data and run again.
 """
 
 from __future__ import annotations
@@ -15,22 +18,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from biometry import fileio
 from biometry.config import fields
-from biometry.config.population import options_of
+from biometry.config.population import options_of, population
 from biometry.config.study import data_paths, default_runs_root, load_study
+from biometry.phantom.cohort import PHANTOM_VERSION
+from biometry.phantom.writer import code_fingerprint
 from biometry.runs.pipeline import StageError, run_study
-from biometry.runs.runner import RunSpec, execute_run, run_dir_for
+from biometry.runs.runner import (
+    RunSpec,
+    changed_inputs,
+    execute_run,
+    file_hash,
+    is_finished,
+    run_dir_for,
+)
 
 
 def _stage(spec: RunSpec, root: Path, force: bool = False) -> None:
     t0 = time.perf_counter()
+    run_dir = run_dir_for(spec, root)
+    if (run_dir / "done.json").is_file() and not is_finished(run_dir, spec.identity):
+        changes = changed_inputs(run_dir, spec.identity)
+        print(f"[demo] {spec.label}: inputs changed ({'; '.join(changes[:3])}), run again",
+              flush=True)
     print(f"[demo] {spec.label} ...", flush=True)
     result = execute_run(spec, root, force=force)
     if result.status == "failed":
@@ -44,21 +63,12 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
     """Run every stage of ``study_name`` on its phantom cohort; return the summary table."""
     study = load_study(study_name)
     root = Path(root) if root is not None else default_runs_root(study)
-    paths = data_paths(study, runs_root=root)
     data = dict(study.data or {})
     if data.get("source", "phantom") != "phantom":
         raise ValueError(f"the demo runs on a phantom cohort; study {study.name!r} uses "
                          f"{data.get('source')!r} data")
-    data_workers = max(1, min(os.cpu_count() or 1, 4))  # per-subject work scales with cores
     t_start = time.perf_counter()
-    _stage(RunSpec(study.name, "phantom", {
-        "out_dir": str(paths.cohort), "subjects": int(data.get("subjects", 300)),
-        "seed": int(data.get("seed", 0)), "scale": float(data.get("scale", 0.5)),
-        "workers": data_workers,  # the population's options only where the study sets them
-        **{k: float(v) for k, v in options_of(data).items()}}), root, force)
-    _stage(RunSpec(study.name, "prepare", {
-        "input_dir": str(paths.cohort), "out_dir": str(paths.prepared),
-        "formats": [study.format], "workers": data_workers}), root, force)
+    make_data(study, root, force)
 
     print(f"[demo] {study.name}: {study.folds}-fold CV, then every stage (biometry study run)",
           flush=True)
@@ -77,6 +87,64 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"[demo] stored in {out}")
     return summary
+
+
+def phantom_identity(data: dict) -> dict:
+    """What defines the demo's cohort: its size, seed and scale, every population option
+    (defaults resolved) and the generator's version and code."""
+    return {"subjects": int(data.get("subjects", 300)), "seed": int(data.get("seed", 0)),
+            "scale": float(data.get("scale", 0.5)), "population": population(options_of(data)),
+            "phantom_version": PHANTOM_VERSION, "phantom_code": code_fingerprint()}
+
+
+def prepare_identity(study, cohort: Path) -> dict:
+    """What defines the prepared store: the format and the cohort it was made from (the hashes
+    of its ``cohort.json`` and ``fields.csv``)."""
+    return {"formats": [study.format], "cohort_json": file_hash(cohort / "cohort.json"),
+            "fields_csv": file_hash(cohort / "fields.csv")}
+
+
+def make_data(study, root: Path, force: bool = False) -> None:
+    """The demo's phantom and prepare stages (notebooks 00 and 01), each redone when its inputs
+    changed. A prepared store whose cohort changed is removed first, with the study's
+    ``splits.csv``: a store resumes by subject id and refuses a subject whose files changed, and
+    the splits list the old cohort's subjects. Only a phantom study's own data (under
+    ``root/<study>/``) is ever removed."""
+    data = dict(study.data or {})
+    if data.get("source", "phantom") != "phantom":
+        raise ValueError(f"the demo makes a phantom cohort; study {study.name!r} uses "
+                         f"{data.get('source')!r} data")
+    paths = data_paths(study, runs_root=root)
+    own = (Path(root) / study.name).resolve()
+    for path in (paths.cohort, paths.prepared, paths.splits):
+        if not Path(path).resolve().is_relative_to(own):
+            raise ValueError(f"{path}: the demo's data must lie in its run folder {own}")
+    workers = max(1, min(os.cpu_count() or 1, 4))  # per-subject work scales with cores
+    ident = phantom_identity(data)
+    _stage(RunSpec(study.name, "phantom", {
+        "out_dir": str(paths.cohort), "subjects": ident["subjects"], "seed": ident["seed"],
+        "scale": ident["scale"], "workers": workers,  # the options only where the study sets them
+        **{k: float(v) for k, v in options_of(data).items()}}, identity=ident), root, force)
+    spec = RunSpec(study.name, "prepare", {
+        "input_dir": str(paths.cohort), "out_dir": str(paths.prepared),
+        "formats": [study.format], "workers": workers},
+        identity=prepare_identity(study, Path(paths.cohort)))
+    store, splits = Path(paths.prepared), Path(paths.splits)
+    derived = [p for p in (store, splits, splits.with_suffix(".json")) if p.exists()]
+    if derived and (force or _attempted_identity(run_dir_for(spec, root)) != spec.identity):
+        print(f"[demo] {spec.label}: {store} and the splits were made from another cohort (or "
+              f"by an older version); made again", flush=True)
+        for path in derived:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _stage(spec, root, force)
+
+
+def _attempted_identity(run_dir: Path) -> dict | None:
+    """The identity of the latest attempt of a run, finished or not (its ``params.yaml``)."""
+    try:
+        return (yaml.safe_load((run_dir / "params.yaml").read_text()) or {}).get("identity")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
 
 
 def summary_table(study, root: Path) -> pd.DataFrame:
@@ -102,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-root", help="where run folders go (default papermill_runs/)")
     ap.add_argument("--workers", type=int, default=1,
                     help="parallel runs (default 1: on 2 cores one training uses both)")
-    ap.add_argument("--force", action="store_true", help="re-run stages that finished before")
+    ap.add_argument("--force", action="store_true",
+                    help="re-run stages that finished before (the prepared store and the splits "
+                         "made again from the cohort)")
     ap.add_argument("--no-figures", action="store_true", help="skip the figure notebooks")
     a = ap.parse_args(argv)
     try:

@@ -20,6 +20,7 @@ the release's eids range and rule).
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import pandas as pd
 
 from biometry import fileio
 from biometry.config.study import data_paths, resolve_study, study_path
+from biometry.data.prepare import SourceChanged
 from biometry.data.tables import references_from_fields_csv
 from biometry.inference.bundle import load_bundle
 from biometry.inference.engine import infer
@@ -67,9 +69,17 @@ def run_release(study, run_dir: str | Path, runs_root=None, data_dir=None, worke
         target = run_dir / "bundles" / unit
         shutil.rmtree(target, ignore_errors=True)  # re-exported from the current folds
         bundles.append(load_bundle(export_module(study, unit, target, runs_root=runs_root)))
-    cache = data_paths(study, data_dir, runs_root).prepared.parent / "release_cache"
-    result = infer(bundles, source, run_dir / "predictions.csv", cache=cache, progress=progress,
-                   workers=workers, keep_members=True)
+    # the study's own cache (beside its splits, in its run folder), never one in a data folder
+    # that other studies share: the stage may remove it (below)
+    cache = Path(data_paths(study, data_dir, runs_root).splits).parent / "data" / "release_cache"
+    try:
+        result = infer(bundles, source, run_dir / "predictions.csv", cache=cache,
+                       progress=progress, workers=workers, keep_members=True)
+    except SourceChanged as exc:  # the stage's own cache, of earlier files of the release
+        print(f"release cache made again: {exc}", file=sys.stderr)
+        shutil.rmtree(cache)
+        result = infer(bundles, source, run_dir / "predictions.csv", cache=cache,
+                       progress=progress, workers=workers, keep_members=True)
     keys = [k for b in bundles for k in b.field_keys]
     refs = references_from_fields_csv(fields_csv, keys)
     tables, per_member, longs = [], [], []
