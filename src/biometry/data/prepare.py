@@ -100,13 +100,16 @@ def _relative(path: Path, source: Path) -> str:
     return path.name if path == source else path.relative_to(source).as_posix()
 
 
-def _stat_digest(subject: Subject, times: bool) -> str:
-    h = hashlib.sha256()
+def _stat_digests(subject: Subject) -> tuple[str, str]:
+    """``(source_size, source_stat)``: the files' names and sizes, and with their modification
+    times too, from one ``stat`` of each file."""
+    sizes, stats = hashlib.sha256(), hashlib.sha256()
     for p in source_files(subject):
         st = p.stat()
-        stamp = f"\t{st.st_mtime_ns}" if times else ""
-        h.update(f"{_relative(p, Path(subject.source))}\t{st.st_size}{stamp}\n".encode())
-    return h.hexdigest()[:20]
+        line = f"{_relative(p, Path(subject.source))}\t{st.st_size}"
+        sizes.update(f"{line}\n".encode())
+        stats.update(f"{line}\t{st.st_mtime_ns}\n".encode())
+    return sizes.hexdigest()[:20], stats.hexdigest()[:20]
 
 
 def source_sha256(subject: Subject) -> str:
@@ -125,9 +128,8 @@ def source_fingerprint(subject: Subject) -> dict[str, str]:
     ``source_size`` (names and sizes), ``source_stat`` (with modification times) and
     ``source_sha256`` (names and contents)."""
     try:
-        return {"source_size": _stat_digest(subject, False),
-                "source_stat": _stat_digest(subject, True),
-                "source_sha256": source_sha256(subject)}
+        size, stat = _stat_digests(subject)
+        return {"source_size": size, "source_stat": stat, "source_sha256": source_sha256(subject)}
     except OSError:
         return {}
 
@@ -150,7 +152,7 @@ def verify_sources(store: Store, subjects: Sequence[Subject], progress: bool = F
     if "source_stat" not in qc.columns or not len(subjects):
         return set()
     recorded = qc.drop_duplicates("eid", keep="last").set_index("eid")
-    changed, to_hash = [], []
+    changed, to_hash = [], {}
     for s in subjects:
         if s.eid not in recorded.index:
             continue
@@ -159,24 +161,26 @@ def verify_sources(store: Store, subjects: Sequence[Subject], progress: bool = F
         if not isinstance(stat, str) or not stat:
             continue
         try:
-            if _stat_digest(s, True) == stat:
-                continue
-            if isinstance(size, str) and size and _stat_digest(s, False) != size:
-                changed.append(s)
-            else:
-                to_hash.append(s)
+            now_size, now_stat = _stat_digests(s)
         except OSError:  # unreadable now: not the files that were prepared
             changed.append(s)
+            continue
+        if now_stat == stat:
+            continue
+        if isinstance(size, str) and size and now_size != size:
+            changed.append(s)
+        else:
+            to_hash[s] = now_stat
     restamped = []
-    for s in tqdm(to_hash, desc="checking sources", unit="subject", disable=not progress,
-                  file=sys.stderr):
+    for s, now_stat in tqdm(to_hash.items(), desc="checking sources", unit="subject",
+                            disable=not progress, file=sys.stderr):
         try:
             same = source_sha256(s) == recorded.at[s.eid, "source_sha256"]
         except OSError:
             same = False
         if same:
             restamped.append({**recorded.loc[s.eid].to_dict(), "eid": s.eid,
-                              "source_stat": _stat_digest(s, True)})
+                              "source_stat": now_stat})
         else:
             changed.append(s)
     stored = set(store.subjects["eid"])

@@ -124,12 +124,17 @@ def _grid_tag(spacing: tuple[float, float, float] | None) -> str:
     return "x".join(f"{s:.4g}" for s in spacing)
 
 
+def cache_store(cache: Path, fmt: str, spacing: tuple[float, float, float] | None) -> Path:
+    """The cache's store of one format on one fused grid: ``<cache>/<format>-<grid>``."""
+    return Path(cache) / f"{fmt}-{_grid_tag(spacing)}"
+
+
 def prepare_cached(subjects: Sequence[Subject], fmt: str, cache: Path,
                    spacing: tuple[float, float, float] | None, progress: bool = True,
                    retry_failed: bool = False, workers: int = 1) -> tuple[Store, int]:
     """Prepare ``subjects`` in format ``fmt`` into the cache store with ``workers`` processes;
     returns it and how many of the subjects were there already."""
-    store = Store.create(cache / f"{fmt}-{_grid_tag(spacing)}", [fmt], exist_ok=True)
+    store = Store.create(cache_store(cache, fmt, spacing), [fmt], exist_ok=True)
     bar = tqdm(total=len(subjects), unit="subject", desc=f"prepare {fmt}",
                disable=not progress, file=sys.stderr)
     _done, cached = prepare_into(store, subjects, [fmt], spacing, workers=workers,
@@ -196,8 +201,8 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
     formats = list(dict.fromkeys(b.input_format for b in bundles))
 
     for fmt in formats:  # every cache checked before any is added to
-        if (cache / f"{fmt}-{_grid_tag(grid)}" / "store.json").is_file():
-            verify_sources(Store.open(cache / f"{fmt}-{_grid_tag(grid)}"), subjects, progress,
+        if (cache_store(cache, fmt, grid) / "store.json").is_file():
+            verify_sources(Store.open(cache_store(cache, fmt, grid)), subjects, progress,
                            hint=f"give --cache a new folder, or remove {cache}")
     stores, n_cached = {}, len(subjects)
     for fmt in formats:

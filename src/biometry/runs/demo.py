@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from biometry import fileio
 from biometry.config import fields
@@ -35,6 +34,7 @@ from biometry.phantom.writer import code_fingerprint
 from biometry.runs.pipeline import StageError, run_study
 from biometry.runs.runner import (
     RunSpec,
+    attempted_identity,
     changed_inputs,
     execute_run,
     file_hash,
@@ -131,20 +131,12 @@ def make_data(study, root: Path, force: bool = False) -> None:
         identity=prepare_identity(study, Path(paths.cohort)))
     store, splits = Path(paths.prepared), Path(paths.splits)
     derived = [p for p in (store, splits, splits.with_suffix(".json")) if p.exists()]
-    if derived and (force or _attempted_identity(run_dir_for(spec, root)) != spec.identity):
+    if derived and (force or attempted_identity(run_dir_for(spec, root)) != spec.identity):
         print(f"[demo] {spec.label}: {store} and the splits were made from another cohort (or "
               f"by an older version); made again", flush=True)
         for path in derived:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     _stage(spec, root, force)
-
-
-def _attempted_identity(run_dir: Path) -> dict | None:
-    """The identity of the latest attempt of a run, finished or not (its ``params.yaml``)."""
-    try:
-        return (yaml.safe_load((run_dir / "params.yaml").read_text()) or {}).get("identity")
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
 
 
 def summary_table(study, root: Path) -> pd.DataFrame:

@@ -150,6 +150,15 @@ def stored_identity(run_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+def attempted_identity(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The identity of a run's latest attempt, finished or not (its ``params.yaml``, written
+    before the notebook starts); None when there is none."""
+    try:
+        return (yaml.safe_load((Path(run_dir) / "params.yaml").read_text()) or {}).get("identity")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
 def changed_inputs(run_dir: str | os.PathLike, identity: dict[str, Any]) -> list[str]:
     """What differs between a finished run's recorded inputs and ``identity``, as short phrases
     (``"training.lr: 0.001 -> 0.0005"``); empty when they agree."""
