@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -5,6 +6,7 @@ import yaml
 
 from biometry.runs import batch
 from biometry.runs.runner import RunSpec, run_dir_for
+from conftest import write_notebook
 
 
 def _spec(nb, value, fail=False, fold=0):
@@ -95,3 +97,109 @@ def test_figures_are_the_ones_a_study_can_draw():
     scirep = figure_notebooks(load_study("scirep2020"))
     assert scirep == [nb for nb in FIGURE_NOTEBOOKS if nb in scirep]  # the build order is kept
     assert "fig_later_release" not in scirep and "fig04_saliency" in scirep
+
+
+def test_thread_plan_gives_a_last_smaller_wave_the_cores_left():
+    assert batch.thread_plan(3, 2, cores=2) == [1, 1, 2]  # the demo: 3 folds, 2 workers
+    assert batch.thread_plan(4, 2, cores=2) == [1, 1, 1, 1]
+    assert batch.thread_plan(5, 2, cores=8) == [4, 4, 4, 4, 8]
+    assert batch.thread_plan(2, 1, cores=4) == [4, 4]
+    assert batch.thread_plan(3, 4, cores=2) == [1, 1, 1]  # never below one thread
+    assert batch.thread_plan(0, 2, cores=2) == []
+
+
+@pytest.mark.slow
+def test_a_local_batch_gives_each_kernel_its_share_of_the_cores(tmp_path):
+    nb = write_notebook(tmp_path / "nb" / "threads.ipynb", 'run_dir = "."\nvalue = "x"',
+                        ["import os\nfrom pathlib import Path\n"
+                         "Path(run_dir, 'out.txt').write_text(os.environ.get('OMP_NUM_THREADS', '-'))"])
+    specs = [_spec(nb, str(k), fold=k) for k in range(3)]
+    root = tmp_path / "runs"
+    plan = dict(zip(specs, batch.thread_plan(3, 2, cores=2), strict=True))
+    results = batch.run_batch(specs[1:], root=root, workers=2, progress=False, threads=plan)
+    assert [r.status for r in results] == ["done"] * 2
+    # a run's count is its place in the whole plan (here: the last of three, alone in its wave)
+    seen = [(run_dir_for(s, root) / "out.txt").read_text() for s in specs[1:]]
+    assert seen == ["1", "2"]
+
+
+def test_stages_side_by_side_wait_for_their_inputs():
+    from biometry.config.study import load_study
+    from biometry.runs import pipeline
+
+    demo = load_study("demo")
+    order = [pipeline.stage(s) for s in pipeline.default_stages(demo)]
+    waits = pipeline.stage_waits(order)
+    names = [st.name for st in order]
+    assert names[0] == "train" and names[-1] == "figures"
+    # training takes every core: nothing starts beside it, not even a stage that reads no run
+    assert all("train" in waits[n] for n in names[1:])
+    assert waits["release"] == {"train", "calibrate"}
+    assert waits["feature-space"] == {"train"}
+    # a figure notebook may read any stage's outputs
+    assert waits["figures"] == set(names[:-1])
+    # a stage left out (training already done) is not waited for
+    later = pipeline.stage_waits([pipeline.stage(n) for n in ("evaluate", "figures")])
+    assert later == {"evaluate": set(), "figures": {"evaluate"}}
+    assert pipeline.stage("saliency").serial  # its fields share the registration's transforms
+
+
+def test_workers_come_from_the_study_unless_given():
+    from biometry.config.study import load_study
+    from biometry.runs import pipeline
+
+    demo = load_study("demo")
+    assert pipeline.resolve_workers(demo, 3) == 3
+    assert pipeline.resolve_workers(demo) == min(2, batch.available_cores())
+    assert pipeline.resolve_workers(load_study("scirep2020")) == 1
+    # runs that go to a cluster's jobs are not capped at this machine's cores
+    on_slurm = dataclasses.replace(demo, dispatch={"workers": 64, "jobqueue": {"kind": "slurm"}})
+    assert pipeline.resolve_workers(on_slurm) == 64
+    assert batch.job_threads({"kind": "slurm", "cores": 8, "processes": 2}) == 4
+    assert batch.job_threads({"kind": "slurm"}) is None and batch.job_threads(None) is None
+
+
+def _spans(root, stage):
+    """(start, end) of each run of ``stage`` that ran, from the timed notebook's span.txt."""
+    return [tuple(float(v) for v in p.read_text().split())
+            for p in sorted((root / "s" / stage).glob("*/span.txt"))]
+
+
+@pytest.mark.slow
+def test_stages_side_by_side_start_after_what_they_read(tmp_path):
+    from biometry.config.study import load_study
+    from biometry.runs import pipeline
+
+    nb = write_notebook(tmp_path / "nb" / "timed.ipynb",
+                        'run_dir = "."\nvalue = "x"\nfail = False\nsleep = 0.0',
+                        ["import time\nfrom pathlib import Path\nt0 = time.time()\n"
+                         "time.sleep(sleep)\n"
+                         "Path(run_dir, 'span.txt').write_text(f'{t0} {time.time()}')",
+                         "if fail:\n    raise ValueError(f'asked to fail with {value}')"])
+    a = pipeline.Stage("a", None, "field")
+    b = pipeline.Stage("b", None, "study", needs=("a",))
+    c = pipeline.Stage("c", None, "field", serial=True)
+    d = pipeline.Stage("d", None, "study", needs=("c",))
+    counts = {"a": 2, "b": 1, "c": 2, "d": 1}
+
+    def run(root, failing=None):
+        def specs_of(st):
+            return [RunSpec("s", st.name, {"value": f"{st.name}{i}", "sleep": 1.0,
+                                           "fail": st.name == failing},
+                            field=str(i), notebook=str(nb)) for i in range(counts[st.name])]
+        pipeline.run_side_by_side(load_study("demo"), [a, b, c, d], root, workers=2,
+                                  log=lambda _line: None, specs_of=specs_of)
+
+    root = tmp_path / "ok"
+    run(root)
+    spans = {name: _spans(root, name) for name in counts}
+    assert {k: len(v) for k, v in spans.items()} == counts
+    assert min(s for s, _ in spans["b"]) >= max(e for _, e in spans["a"])
+    assert min(s for s, _ in spans["d"]) >= max(e for _, e in spans["c"])
+    (s0, e0), (s1, e1) = sorted(spans["c"])
+    assert s1 >= e0  # a serial stage's runs never overlap
+    # a failed stage: what reads it never starts, and the batch says which stage failed
+    root = tmp_path / "failed"
+    with pytest.raises(pipeline.RunsFailed, match="stage a"):
+        run(root, failing="a")
+    assert len(_spans(root, "a")) == 2 and _spans(root, "b") == []

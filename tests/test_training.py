@@ -255,7 +255,9 @@ def test_results_do_not_depend_on_the_row_order(tmp_path):
         val_idx = np.array([where[e] for e in eids[16:]])
         res = trainer.train(cfg, imgs[order], targets[order, :1], train_idx, val_idx,
                             tmp_path / name, [eids[i] for i in order], ["21002"], progress=False)
-        assert set(res.timing) == {"train_seconds", "data_seconds", "total_seconds"}
+        assert set(res.timing) == {"train_seconds", "data_seconds", "total_seconds",
+                                   "torch_threads"}
+        assert res.timing["torch_threads"] == torch.get_num_threads()  # the result depends on it
         assert json.loads((tmp_path / name / "timing.json").read_text()) == res.timing
         outs.append(tmp_path / name)
     for file in ("predictions.csv", "metrics.json"):

@@ -9,7 +9,8 @@ writes, into ``out_dir``:
   prediction, variance) in the target's units, one row per subject and labelled field;
 * ``metrics.json``: per field r2, mae, n (classification: accuracy, auc, n), final loss,
   iterations: only what the data, configuration and seed determine (byte-comparable);
-* ``timing.json``: wall-clock seconds of training, data loading and the whole call;
+* ``timing.json``: wall-clock seconds of training, data loading and the whole call, and the
+  torch threads it ran with (the result depends on them);
 * ``checkpoint.pt`` every ``checkpoint_every`` iterations while training (removed at the end
   unless ``keep_checkpoint``), from which a killed training resumes exactly.
 
@@ -383,7 +384,8 @@ def train(
     # wall-clock times go to their own file: metrics.json holds only what the seed determines,
     # so that two runs of one configuration can be compared byte for byte
     timing = {"train_seconds": round(train_seconds, 3), "data_seconds": round(data_s, 3),
-              "total_seconds": round(time.perf_counter() - t_start, 3)}
+              "total_seconds": round(time.perf_counter() - t_start, 3),
+              "torch_threads": torch.get_num_threads()}
     metrics.update({
         "iterations": n_iter,
         "final_loss": float(np.mean(tail)), "last_loss": float(tail[-1]),

@@ -52,15 +52,78 @@ def make_jobqueue_cluster(settings: dict):
     return getattr(dask_jobqueue, kinds[kind])(**kw)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may use (its affinity where the OS tells, else the count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_plan(n_runs: int, workers: int, cores: int | None = None) -> list[int]:
+    """Torch threads for each of ``n_runs`` runs executed ``workers`` at a time on one machine.
+
+    The runs are counted in waves of ``workers`` in their order; each run of a wave gets an equal
+    share of the cores, at least one (a run starts when a worker frees, so a run of the next wave
+    may overlap the end of this one). A last, smaller wave takes the cores the others leave: 3 folds on
+    2 workers and 2 cores get 1, 1 and 2 threads (on this 2-core CPU two 1-thread trainings side
+    by side do ~1.3x the work of one 2-thread training, and a lone 1-thread one ~0.55x;
+    BENCHMARKS.md). The plan depends on the runs' positions in the whole stage only, so a run
+    gets the same count when a batch resumes or runs some of its folds (the count changes a
+    network's floating-point result).
+    """
+    cores = cores or available_cores()
+    workers = max(1, int(workers))
+    plan = []
+    for i in range(n_runs):
+        start = (i // workers) * workers
+        plan.append(max(1, cores // min(workers, n_runs - start)))
+    return plan
+
+
+#: what a kernel reads for its thread count: OpenMP (torch), MKL, OpenBLAS, numba (UMAP), ITK
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "NUMBA_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+
+
+def execute_with_threads(spec: RunSpec, root, force: bool = False,
+                         threads: int | None = None) -> RunResult:
+    """:func:`execute_run` in a worker process of a local cluster, its notebook's kernel limited
+    to ``threads`` (through the variables it inherits; None: the worker's as they are). Only for
+    a worker process, which runs one task at a time: it sets this process's environment.
+
+    Dask starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which a kernel would inherit:
+    glibc then hands memory back to the system after every large free, and a training's
+    allocations turn into system calls (a third of the CPU time in system mode, measured; a
+    training ~1.7x slower). The kernel gets glibc's default instead."""
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    if threads is not None:
+        os.environ.update({name: str(int(threads)) for name in THREAD_VARIABLES})
+    return execute_run(spec, root, force)
+
+
+def job_threads(jobqueue: dict | None) -> int | None:
+    """The threads of a run on a dask-jobqueue job: the job's ``cores`` over its ``processes``
+    (a job's Dask worker would otherwise leave its kernels one thread); None when not said."""
+    if not jobqueue or not jobqueue.get("cores"):
+        return None
+    return max(1, int(jobqueue["cores"]) // max(1, int(jobqueue.get("processes", 1) or 1)))
+
+
 def run_batch(specs: Sequence[RunSpec], root: str | os.PathLike | None = None, workers: int = 1,
               scheduler: str | None = None, jobqueue: dict | None = None, force: bool = False,
-              progress: bool = True) -> list[RunResult]:
+              progress: bool = True, threads: dict[RunSpec, int] | None = None
+              ) -> list[RunResult]:
     """Execute runs, skipping finished ones, in parallel on Dask when ``workers > 1``.
 
     A failing notebook does not stop the batch: its result has ``status == "failed"`` and names
-    the executed notebook that shows the error.
+    the executed notebook that shows the error. ``threads``: each run's thread count on a local
+    cluster (:func:`thread_plan`; else one thread, Dask's default for the processes of a local
+    cluster); on a jobqueue cluster a run gets :func:`job_threads`.
     """
     root = Path(root) if root is not None else runs_dir()
+    plan = dict(threads or {}) if not scheduler and not jobqueue else {}
+    per_job = job_threads(jobqueue)
     todo = [s for s in specs if force or not is_finished(run_dir_for(s, root), s.identity)]
     results = [RunResult(s, "skipped", run_dir_for(s, root)) for s in specs if s not in todo]
     if not todo:
@@ -75,7 +138,8 @@ def run_batch(specs: Sequence[RunSpec], root: str | os.PathLike | None = None, w
         from dask.distributed import as_completed  # with the cluster only (see above)
 
         with _executor_client(workers, scheduler, jobqueue) as client:
-            futures = [client.submit(execute_run, spec, root, force, pure=False, key=f"run-{i}")
+            futures = [client.submit(execute_with_threads, spec, root, force,
+                                     plan.get(spec, per_job), pure=False, key=f"run-{i}")
                        for i, spec in enumerate(todo)]
             for fut in as_completed(futures):
                 results.append(fut.result())

@@ -31,7 +31,7 @@ from biometry.config.population import options_of, population
 from biometry.config.study import data_paths, default_runs_root, load_study
 from biometry.phantom.cohort import PHANTOM_VERSION
 from biometry.phantom.writer import code_fingerprint
-from biometry.runs.pipeline import StageError, run_study
+from biometry.runs.pipeline import StageError, resolve_workers, run_study
 from biometry.runs.runner import (
     RunSpec,
     attempted_identity,
@@ -58,7 +58,7 @@ def _stage(spec: RunSpec, root: Path, force: bool = False) -> None:
     print(f"[demo] {spec.label}: {note}", flush=True)
 
 
-def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: int = 1,
+def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: int | None = None,
              force: bool = False, figures: bool = True) -> pd.DataFrame:
     """Run every stage of ``study_name`` on its phantom cohort; return the summary table."""
     study = load_study(study_name)
@@ -68,6 +68,7 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
         raise ValueError(f"the demo runs on a phantom cohort; study {study.name!r} uses "
                          f"{data.get('source')!r} data")
     t_start = time.perf_counter()
+    workers = resolve_workers(study, workers)
     make_data(study, root, force)
 
     print(f"[demo] {study.name}: {study.folds}-fold CV, then every stage (biometry study run)",
@@ -160,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", default="demo", help="a study preset with phantom data (default demo)")
     ap.add_argument("--runs-root", help="where run folders go (default papermill_runs/)")
-    ap.add_argument("--workers", type=int, default=1,
-                    help="parallel runs (default 1: on 2 cores one training uses both)")
+    ap.add_argument("--workers", type=int,
+                    help="runs at a time (default: the study's dispatch.workers, at most the "
+                         "cores; the demo's 2: trainings and later stages two at a time)")
     ap.add_argument("--force", action="store_true",
                     help="re-run stages that finished before (the prepared store and the splits "
                          "made again from the cohort)")

@@ -13,7 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from biometry.config.study import default_figures_root, default_runs_root, load_study
+from biometry.config.study import (
+    default_figures_root,
+    default_runs_root,
+    load_study,
+    resolve_study,
+)
 from biometry.runs.batch import report, run_batch
 from biometry.runs.runner import RunSpec, execute_run, run_dir_for
 
@@ -59,6 +64,17 @@ def figures_dir_for(study: str, figures_root: str | Path | None = None) -> Path:
     return (Path(figures_root) if figures_root else default_figures_root(s)) / s.name
 
 
+def figure_specs(study, runs_root: str | Path | None = None,
+                 figures_root: str | Path | None = None) -> tuple[list[RunSpec], Path]:
+    """The runs of a study's figure notebooks (always rebuilt: ``force``), and their folder."""
+    loaded = resolve_study(study)
+    runs_root = Path(runs_root) if runs_root else default_runs_root(loaded)
+    out_dir = figures_dir_for(str(loaded.path), figures_root)
+    common = {"study": str(loaded.path), "runs_root": str(runs_root), "out_dir": str(out_dir)}
+    return [RunSpec(loaded.name, "figures", dict(common), field=nb, notebook=f"{nb}.ipynb")
+            for nb in figure_notebooks(loaded)], out_dir
+
+
 def build_figures(study: str, runs_root: str | Path | None = None,
                   figures_root: str | Path | None = None, progress: bool = True,
                   analyses: bool = True) -> int:
@@ -72,7 +88,6 @@ def build_figures(study: str, runs_root: str | Path | None = None,
         stages = ("thigh",)
     else:  # a one-field study (liver) has no feature space
         stages = ("agreement", "feature_space") if len(loaded.fields) > 1 else ("agreement",)
-    notebooks = figure_notebooks(loaded)
     for stage in stages if analyses or loaded.thigh else ():
         # the analyses are cheap next to training: re-run them so the figures match the runs
         # (the thigh study trains networks: run it only when it has not finished)
@@ -80,9 +95,7 @@ def build_figures(study: str, runs_root: str | Path | None = None,
         if res.status == "failed":
             report([res], stream=sys.stderr)
             return 1
-    out_dir = figures_dir_for(study, figures_root)
-    specs = [RunSpec(name, "figures", {**common, "out_dir": str(out_dir)}, field=nb,
-                     notebook=f"{nb}.ipynb") for nb in notebooks]
+    specs, out_dir = figure_specs(loaded, runs_root, figures_root)
     # figures are cheap and must reflect the current analysis outputs: always rebuild them
     results = run_batch(specs, root=runs_root, force=True, progress=progress)
     failed = report(results)

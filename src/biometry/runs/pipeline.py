@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,15 @@ from biometry.data.store import Store
 from biometry.data.tables import references_from_fields_csv
 from biometry.learn.cv import check_training_inputs, load_targets
 from biometry.learn.splits import load_or_create_splits
-from biometry.runs.batch import report, run_batch, study_train_specs
-from biometry.runs.figures import build_figures
+from biometry.runs.batch import (
+    available_cores,
+    execute_with_threads,
+    report,
+    run_batch,
+    study_train_specs,
+    thread_plan,
+)
+from biometry.runs.figures import build_figures, figure_specs
 from biometry.runs.runner import (
     RunResult,
     RunSpec,
@@ -84,6 +92,8 @@ class Stage:
     applies: Callable[[Study], bool] = _always
     fields: Callable[[Study], Sequence[str]] | None = None
     parameters: Callable[[Study], dict[str, Any]] | None = None
+    #: its runs go one at a time even when stages run side by side (they share a cache)
+    serial: bool = False
 
     @property
     def folder(self) -> str:
@@ -125,7 +135,8 @@ PIPELINE: tuple[Stage, ...] = (
           parameters=lambda s: {"n_subjects": int((s.saliency or {}).get("subjects", 200)),
                                 "layer": str((s.saliency or {}).get("layer", "layer4")),
                                 **({"occlusion": True} if (s.saliency or {}).get("occlusion")
-                                   else {})}),
+                                   else {})},
+          serial=True),  # the fields share the registration's transforms (computed by the first)
     Stage("liver", "07_liver_fat.ipynb", "study", ("train",),
           "liver fat: network on the unlabelled subjects, multi-atlas baseline, comparison "
           "(docs/liver.md)", applies=lambda s: s.liver is not None),
@@ -349,27 +360,178 @@ def run_stage(study, name: str, runs_root=None, data_dir=None, workers: int = 1,
             raise StageError(stale_message(stale, study))
     jobqueue = (study.dispatch or {}).get("jobqueue") if not scheduler and workers > 1 else None
     if st.scope == "network":
+        threads = None
+        if workers > 1 and not scheduler and not jobqueue:
+            # counted over the whole stage, so that a run of some folds gets the same counts
+            every = stage_specs(study, st, root, data_dir, with_identity=False)
+            threads = dict(zip(every, thread_plan(len(every), workers), strict=True))
         return run_batch(specs, root=root, workers=workers, scheduler=scheduler,
-                         jobqueue=jobqueue, force=force, progress=progress)
+                         jobqueue=jobqueue, force=force, progress=progress, threads=threads)
     return [execute_run(s, root, force=force) for s in specs]
+
+
+def resolve_workers(study: Study, workers: int | None = None) -> int:
+    """``workers`` when given, else the study's ``dispatch.workers`` (default 1): capped at the
+    cores of this machine, unless the study's runs go to a ``dispatch: jobqueue:`` cluster."""
+    if workers is not None:
+        return max(1, int(workers))
+    wanted = max(1, int((study.dispatch or {}).get("workers") or 1))
+    return wanted if (study.dispatch or {}).get("jobqueue") else min(wanted, available_cores())
 
 
 def run_study(study, runs_root=None, data_dir=None, workers: int = 1,
               stages: Sequence[str] | None = None, scheduler: str | None = None,
               force: bool = False, redo_changed: bool = False, figures_root=None,
               progress: bool = True, log=print) -> None:
-    """Every stage of :data:`PIPELINE` (or ``stages``) in order; stops at the first failure."""
+    """Every stage of :data:`PIPELINE` (or ``stages``) in order; stops at the first failure.
+
+    With ``workers > 1`` on this machine (no scheduler, no jobqueue) the stages after training
+    run side by side (:func:`run_side_by_side`); not for a thigh-function study, whose figures
+    stage runs its one training stage when it has not finished.
+    """
     study = resolve_study(study)
     chosen = [stage(s).name for s in stages] if stages else default_stages(study)
-    for st in PIPELINE:
-        if st.name not in chosen:
-            continue
+    order = [st for st in PIPELINE if st.name in chosen]
+    if (workers > 1 and not scheduler and not (study.dispatch or {}).get("jobqueue")
+            and not study.thigh):
+        run_side_by_side(study, order, runs_root, data_dir, workers, force, redo_changed,
+                         figures_root, progress, log)
+        return
+    for st in order:
         log(f"[{study.name}] {st.name} ...")
         results = run_stage(study, st.name, runs_root, data_dir, workers, scheduler=scheduler,
                             force=force, redo_changed=redo_changed, figures_root=figures_root,
                             progress=progress)
         if results and report(results, stream=sys.stdout):
             raise RunsFailed(f"stage {st.name} of {study.name}: some runs failed (see above)")
+
+
+def stage_waits(order: Sequence[Stage]) -> dict[str, set[str]]:
+    """What each of the chosen stages (``order``, in :data:`PIPELINE` order) waits for when
+    stages run side by side: its needs among them; training, when chosen, for every stage after
+    it (training takes every core); and, for the figures, every stage before them (a figure
+    notebook may read any stage's outputs)."""
+    names = [st.name for st in order]
+    waits: dict[str, set[str]] = {}
+    for i, st in enumerate(order):
+        before = set(names[:i])
+        if st.scope == "figures":
+            waits[st.name] = before
+        else:
+            waits[st.name] = (set(st.needs) & before) | {s.name for s in order[:i]
+                                                          if s.scope == "network"}
+    return waits
+
+
+def _ready_specs(study: Study, st: Stage, root: Path, data_dir, figures_root) -> list[RunSpec]:
+    """The runs of a stage whose waits are over (its needs checked on disk first)."""
+    check_needs(study, st, root, data_dir)
+    if st.scope == "figures":
+        return figure_specs(study, root, figures_root)[0]
+    return stage_specs(study, st, root, data_dir)
+
+
+def run_side_by_side(study, order: Sequence[Stage], runs_root=None, data_dir=None,
+                     workers: int = 2, force: bool = False, redo_changed: bool = False,
+                     figures_root=None, progress: bool = True, log=print,
+                     specs_of: Callable[[Stage], list[RunSpec]] | None = None) -> None:
+    """Run the chosen stages on this machine, ``workers`` runs at a time.
+
+    Training goes first (its runs share the cores, :func:`biometry.runs.batch.thread_plan`).
+    Then each stage starts when the stages it waits for (:func:`stage_waits`) have finished: its
+    runs join a queue (a stage that another waits for, such as ``calibrate``, at its front) and
+    go ``workers`` at a time, a :attr:`Stage.serial` stage's one after another, each kernel with
+    ``cores // workers`` threads (fixed, so that a result never depends on what else ran). After
+    a stage fails (or cannot start) no other stage starts, the runs of the stages already started
+    finish, and then :class:`RunsFailed` (or the :class:`StageError`) is raised.
+    ``specs_of``: a stage's runs (default: from the study, its needs checked on disk).
+    """
+    from dask.distributed import Client, LocalCluster, wait  # only on this path
+
+    study = resolve_study(study)
+    root = Path(runs_root) if runs_root else default_runs_root(study)
+    specs_of = specs_of or (lambda st: _ready_specs(study, st, root, data_dir, figures_root))
+    waits, pending, done = stage_waits(order), list(order), set()
+    if pending and pending[0].scope == "network":
+        st = pending.pop(0)
+        log(f"[{study.name}] {st.name} ...")
+        results = run_stage(study, st.name, root, data_dir, workers, force=force,
+                            redo_changed=redo_changed, progress=progress)
+        if results and report(results, stream=sys.stdout):
+            raise RunsFailed(f"stage {st.name} of {study.name}: some runs failed (see above)")
+        done.add(st.name)
+    if not pending:
+        return
+    threads = max(1, available_cores() // workers)
+    gates = {n for st in pending if st.scope != "figures" for n in waits[st.name]}
+    queue: list[tuple[Stage, RunSpec]] = []
+    expected: dict[str, int] = {}
+    finished: dict[str, list[RunResult]] = {}
+    started: dict[str, float] = {}
+    failed: list[str] = []
+    cannot_start: list[str] = []
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        running: dict[Any, tuple[Stage, RunSpec]] = {}
+        while True:
+            stop = failed or cannot_start
+            ready = [] if stop else [st for st in pending if waits[st.name] <= done]
+            for st in ready:
+                pending.remove(st)
+                log(f"[{study.name}] {st.name} ...")
+                try:
+                    specs = specs_of(st)
+                except StageError as exc:
+                    cannot_start.append(str(exc))
+                    break
+                started[st.name] = time.perf_counter()
+                expected[st.name], finished[st.name] = len(specs), []
+                items = [(st, s) for s in specs]
+                queue = items + queue if st.name in gates else queue + items
+                if not specs:
+                    done.add(st.name)
+            if ready and not cannot_start:
+                continue  # a stage without runs may free others
+            busy = {st.name for st, _ in running.values() if st.serial}
+            for item in list(queue):
+                if len(running) >= workers:
+                    break
+                st, spec = item
+                if st.name in busy:
+                    continue
+                queue.remove(item)
+                fut = client.submit(execute_with_threads, spec, root,
+                                    force or st.scope == "figures", threads, pure=False)
+                running[fut] = item
+                if st.serial:
+                    busy.add(st.name)
+            if not running:
+                break
+            for fut in wait(list(running), return_when="FIRST_COMPLETED").done:
+                st, spec = running.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as exc:  # a worker lost, an error outside the notebook
+                    result = RunResult(spec, "failed", run_dir_for(spec, root),
+                                       error=f"{type(exc).__name__}: {exc}")
+                finished[st.name].append(result)
+                if len(finished[st.name]) < expected[st.name]:
+                    continue
+                n_failed = report(finished[st.name], stream=sys.stdout)
+                log(f"[{study.name}] {st.name}: {expected[st.name]} run(s), "
+                    f"{time.perf_counter() - started[st.name]:.0f} s")
+                if n_failed:
+                    failed.append(st.name)
+                else:
+                    done.add(st.name)
+    if cannot_start:
+        raise StageError(cannot_start[0])
+    if failed:
+        raise RunsFailed(f"stage {', '.join(failed)} of {study.name}: some runs failed (see "
+                         f"above)")
+    if any(st.scope == "figures" for st in order if st.name in done):
+        print(f"figures and tables of {study.name} in "
+              f"{figure_specs(study, root, figures_root)[1]}")
 
 
 # ------------------------------------------------------------------------------------ the CLI
@@ -399,8 +561,9 @@ def _guarded(prog: str, work) -> int:
 
 def _common_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--study", required=True, help="preset name or path to a study YAML")
-    ap.add_argument("--workers", type=int, default=1, help="parallel training runs on a local "
-                    "Dask cluster (default 1)")
+    ap.add_argument("--workers", type=int, help="runs at a time on a local Dask cluster (default: "
+                    "the study's dispatch.workers, at most the cores, else 1); with more than one, "
+                    "the stages after training also run side by side")
     ap.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
     ap.add_argument("--runs-root", help="folder of run outputs (default: see above)")
     ap.add_argument("--figures-root", help="folder of figures (default: see above)")
@@ -427,7 +590,8 @@ def run_main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     def work() -> int:
-        results = run_stage(a.study, a.stage, a.runs_root, a.data_dir, a.workers, a.fields,
+        workers = resolve_workers(resolve_study(a.study), a.workers)
+        results = run_stage(a.study, a.stage, a.runs_root, a.data_dir, workers, a.fields,
                             a.folds, a.scheduler, a.force, a.redo_changed, a.figures_root)
         return 1 if results and report(results) else 0
 
@@ -470,9 +634,9 @@ def study_main(argv: list[str] | None = None) -> int:
         return 0
 
     def run() -> int:
-        run_study(a.study, a.runs_root, a.data_dir, a.workers, a.stages, a.scheduler, a.force,
-                  a.redo_changed, a.figures_root)
         study = resolve_study(a.study)
+        run_study(study, a.runs_root, a.data_dir, resolve_workers(study, a.workers), a.stages,
+                  a.scheduler, a.force, a.redo_changed, a.figures_root)
         root = Path(a.runs_root) if a.runs_root else default_runs_root(study)
         print(f"[{study.name}] runs in {root / study.name}")
         return 0

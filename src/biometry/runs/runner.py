@@ -194,7 +194,9 @@ def provenance() -> dict[str, Any]:
         import torch  # here, not at the top: the figure notebooks import this module, not torch
 
         info["device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
-        info["torch_threads"] = torch.get_num_threads()
+        # the notebook's kernel, a child process, starts torch from this environment
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        info["torch_threads"] = int(omp) if omp.isdigit() else torch.get_num_threads()
     except Exception:  # pragma: no cover - torch is a dependency
         info["device"] = "unknown"
     return info
