@@ -157,6 +157,11 @@ def test_workers_come_from_the_study_unless_given():
     assert pipeline.resolve_workers(on_slurm) == 64
     assert batch.job_threads({"kind": "slurm", "cores": 8, "processes": 2}) == 4
     assert batch.job_threads({"kind": "slurm"}) is None and batch.job_threads(None) is None
+    with pytest.raises(ValueError, match="--workers must be at least 1, got 0"):
+        pipeline.resolve_workers(demo, 0)
+    two = dataclasses.replace(demo, dispatch={"workers": "two"})
+    with pytest.raises(ValueError, match=r"demo\.yaml: dispatch\.workers must be a whole number"):
+        pipeline.resolve_workers(two)
 
 
 def _spans(root, stage):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +19,24 @@ from biometry.config.paths import runs_dir
 from biometry.runs.runner import RunResult, RunSpec, execute_run, is_finished, run_dir_for
 
 
-def _executor_client(workers: int, scheduler: str | None, jobqueue: dict | None):
-    """A dask Client: a running scheduler, a dask-jobqueue cluster, or a local cluster."""
+@contextmanager
+def dask_client(workers: int, scheduler: str | None = None, jobqueue: dict | None = None):
+    """A dask Client on a running scheduler, a dask-jobqueue cluster, or a local cluster of
+    ``workers`` one-thread processes; a cluster made here is closed on exit (a Client given a
+    cluster object leaves it, and its worker processes, running)."""
     from dask.distributed import Client, LocalCluster  # here: a figure notebook needs no dask
     if scheduler:
-        return Client(scheduler)
+        with Client(scheduler) as client:
+            yield client
+        return
     if jobqueue:
         cluster = make_jobqueue_cluster(jobqueue)
         cluster.scale(jobs=int(jobqueue.get("jobs", workers)))
-        return Client(cluster)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
-    return Client(cluster)
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+    with cluster, Client(cluster) as client:
+        yield client
 
 
 def make_jobqueue_cluster(settings: dict):
@@ -137,7 +144,7 @@ def run_batch(specs: Sequence[RunSpec], root: str | os.PathLike | None = None, w
     else:
         from dask.distributed import as_completed  # with the cluster only (see above)
 
-        with _executor_client(workers, scheduler, jobqueue) as client:
+        with dask_client(workers, scheduler, jobqueue) as client:
             futures = [client.submit(execute_with_threads, spec, root, force,
                                      plan.get(spec, per_job), pure=False, key=f"run-{i}")
                        for i, spec in enumerate(todo)]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from biometry.config.population import options_of, population
 from biometry.config.study import data_paths, default_runs_root, load_study
 from biometry.phantom.cohort import PHANTOM_VERSION
 from biometry.phantom.writer import code_fingerprint
+from biometry.runs.batch import available_cores
 from biometry.runs.pipeline import StageError, resolve_workers, run_study
 from biometry.runs.runner import (
     RunSpec,
@@ -120,7 +120,7 @@ def make_data(study, root: Path, force: bool = False) -> None:
     for path in (paths.cohort, paths.prepared, paths.splits):
         if not Path(path).resolve().is_relative_to(own):
             raise ValueError(f"{path}: the demo's data must lie in its run folder {own}")
-    workers = max(1, min(os.cpu_count() or 1, 4))  # per-subject work scales with cores
+    workers = min(available_cores(), 4)  # per-subject work scales with cores
     ident = phantom_identity(data)
     _stage(RunSpec(study.name, "phantom", {
         "out_dir": str(paths.cohort), "subjects": ident["subjects"], "seed": ident["seed"],

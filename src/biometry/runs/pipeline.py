@@ -49,6 +49,7 @@ from biometry.learn.cv import check_training_inputs, load_targets
 from biometry.learn.splits import load_or_create_splits
 from biometry.runs.batch import (
     available_cores,
+    dask_client,
     execute_with_threads,
     report,
     run_batch,
@@ -374,8 +375,13 @@ def resolve_workers(study: Study, workers: int | None = None) -> int:
     """``workers`` when given, else the study's ``dispatch.workers`` (default 1): capped at the
     cores of this machine, unless the study's runs go to a ``dispatch: jobqueue:`` cluster."""
     if workers is not None:
-        return max(1, int(workers))
-    wanted = max(1, int((study.dispatch or {}).get("workers") or 1))
+        if int(workers) < 1:
+            raise ValueError(f"--workers must be at least 1, got {workers}")
+        return int(workers)
+    wanted = (study.dispatch or {}).get("workers") or 1
+    if not isinstance(wanted, int) or wanted < 1:
+        raise ValueError(f"{study.path}: dispatch.workers must be a whole number of at least 1, "
+                         f"got {wanted!r}")
     return wanted if (study.dispatch or {}).get("jobqueue") else min(wanted, available_cores())
 
 
@@ -398,12 +404,19 @@ def run_study(study, runs_root=None, data_dir=None, workers: int = 1,
                          figures_root, progress, log)
         return
     for st in order:
-        log(f"[{study.name}] {st.name} ...")
-        results = run_stage(study, st.name, runs_root, data_dir, workers, scheduler=scheduler,
-                            force=force, redo_changed=redo_changed, figures_root=figures_root,
-                            progress=progress)
-        if results and report(results, stream=sys.stdout):
-            raise RunsFailed(f"stage {st.name} of {study.name}: some runs failed (see above)")
+        _run_in_order(study, st, runs_root, data_dir, workers, scheduler, force, redo_changed,
+                      figures_root, progress, log)
+
+
+def _run_in_order(study: Study, st: Stage, runs_root, data_dir, workers: int, scheduler,
+                  force: bool, redo_changed: bool, figures_root, progress: bool, log) -> None:
+    """One stage through :func:`run_stage`; :class:`RunsFailed` when a run failed."""
+    log(f"[{study.name}] {st.name} ...")
+    results = run_stage(study, st.name, runs_root, data_dir, workers, scheduler=scheduler,
+                        force=force, redo_changed=redo_changed, figures_root=figures_root,
+                        progress=progress)
+    if results and report(results, stream=sys.stdout):
+        raise RunsFailed(f"stage {st.name} of {study.name}: some runs failed (see above)")
 
 
 def stage_waits(order: Sequence[Stage]) -> dict[str, set[str]]:
@@ -446,7 +459,7 @@ def run_side_by_side(study, order: Sequence[Stage], runs_root=None, data_dir=Non
     finish, and then :class:`RunsFailed` (or the :class:`StageError`) is raised.
     ``specs_of``: a stage's runs (default: from the study, its needs checked on disk).
     """
-    from dask.distributed import Client, LocalCluster, wait  # only on this path
+    from dask.distributed import wait  # only on this path
 
     study = resolve_study(study)
     root = Path(runs_root) if runs_root else default_runs_root(study)
@@ -454,11 +467,8 @@ def run_side_by_side(study, order: Sequence[Stage], runs_root=None, data_dir=Non
     waits, pending, done = stage_waits(order), list(order), set()
     if pending and pending[0].scope == "network":
         st = pending.pop(0)
-        log(f"[{study.name}] {st.name} ...")
-        results = run_stage(study, st.name, root, data_dir, workers, force=force,
-                            redo_changed=redo_changed, progress=progress)
-        if results and report(results, stream=sys.stdout):
-            raise RunsFailed(f"stage {st.name} of {study.name}: some runs failed (see above)")
+        _run_in_order(study, st, root, data_dir, workers, None, force, redo_changed,
+                      figures_root, progress, log)
         done.add(st.name)
     if not pending:
         return
@@ -470,8 +480,7 @@ def run_side_by_side(study, order: Sequence[Stage], runs_root=None, data_dir=Non
     started: dict[str, float] = {}
     failed: list[str] = []
     cannot_start: list[str] = []
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with dask_client(workers) as client:
         running: dict[Any, tuple[Stage, RunSpec]] = {}
         while True:
             stop = failed or cannot_start
