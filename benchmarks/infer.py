@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import resource
 import tempfile
 import time
@@ -38,6 +37,7 @@ from biometry.inference.bundle import forward, load_bundle, write_bundle
 from biometry.inference.engine import infer
 from biometry.learn.models import build_model
 from biometry.phantom import generate_cohort
+from biometry.runs.runner import cpu_model
 
 #: MIMIR's four modules and their numbers of fields (72 in all)
 MODULES = {"body_composition": 10, "organs": 50, "anthropometry": 11, "age": 1}
@@ -104,6 +104,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="preparation processes of the engine")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="each synthesised zip also hard-linked under COPIES-1 other eids, so that "
+                         "a long run (start-up spread thin) needs no hour of synthesis; the work per "
+                         "input is the same")
+    ap.add_argument("--bf16", action="store_true",
+                    help="end to end with `biometry infer --bf16 --channels-last` (default fp32)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,16 +118,21 @@ def main() -> None:
         cohort = generate_cohort(tmp / "release", a.subjects, 123, scale=a.scale,
                                  station_format="zip", progress=False)
         t_synth = time.perf_counter() - t0
+        zips = sorted((cohort / "zip").glob("*_20201_*.zip"))
+        for j in range(1, a.copies):
+            for z in zips:  # <eid>_20201_2_0.zip -> <j><eid>_20201_2_0.zip, the same bytes
+                (z.parent / f"{j}{z.name}").hardlink_to(z)
         bundles = make_bundles(tmp / "bundles")
         # core-seconds of this process and of the preparation workers (reaped when the pool
         # closes, so RUSAGE_CHILDREN holds them afterwards)
         c0, k0 = time.process_time(), _children_cpu()
         result = infer(bundles, cohort / "zip", tmp / "out" / "predictions.csv",
-                       batch_size=a.batch, device="cpu", progress=False, workers=a.workers)
+                       batch_size=a.batch, device="cpu", progress=False, workers=a.workers,
+                       channels_last=a.bf16, bf16=a.bf16)
         infer_cpu = time.process_time() - c0 + _children_cpu() - k0
         loaded = [load_bundle(b) for b in bundles]
         store = next((tmp / "out" / "cache").glob("mimir-*"))
-        images = np.asarray(Store.open(store).load("mimir"))
+        images = np.asarray(Store.open(store).load("mimir"))[:48]  # the networks alone: 48 do
         cpu = time_networks(loaded, images, "cpu", a.batch)
         gpu = time_networks(loaded, images, "cuda", 32) if torch.cuda.is_available() else None
     n = result.n_input
@@ -129,24 +140,28 @@ def main() -> None:
     net = result.network_seconds / n
     total = result.seconds / n
     # CPU (core-) seconds of this process: what the work costs on idle cores (the wall times
-    # include waiting on a machine shared with other jobs); networks from the fp32 run below.
+    # include waiting on a machine shared with other jobs); networks from the run below in the
+    # setting the end-to-end run used.
     # On 2 idle cores the best case is core-seconds / 2 (two preparation workers, 2 threads).
     total_cpu = infer_cpu / n
-    net_cpu = cpu["fp32 cpu"]  # core-seconds (all torch threads)
+    setting = "bf16 autocast channels-last" if a.bf16 else "fp32"
+    net_cpu = cpu[setting + " cpu"]  # core-seconds (all torch threads)
     prep_cpu = max(total_cpu - net_cpu, 0.0)
-    cpu_name = platform.processor() or platform.machine()
+    cpu_name = cpu_model()
     lines = [
         "## Inference engine", "",
         f"Measured by `benchmarks/infer.py` on {dt.date.today().isoformat()}: {cpu_name}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; {n} phantom subjects "
-        f"at scale {a.scale} as UKB zips (synthesised in {t_synth:.0f} s, not counted); 4 ResNet50 "
+        f"at scale {a.scale} as UKB zips (synthesised in {t_synth:.0f} s, not counted"
+        + (f"; {len(zips)} distinct, each under {a.copies} eids by hard links" if a.copies > 1
+           else "") + "); 4 ResNet50 "
         f"modules (MIMIR's 10 + 50 + 11 + 1 fields) on the 3 x 256 x 256 `mimir` input, batch "
         f"{a.batch}; cold cache.", "",
         "| phase | wall s / subject | min / 1,000 (wall) | core-s / subject | min / 1,000 on 2 idle cores |",
         "|---|---:|---:|---:|---:|",
         f"| preparation (zip -> fused volume -> mimir image, {a.workers} worker(s)) | {prep:.2f} | "
         f"{prep * 1000 / 60:.1f} | {prep_cpu:.2f} | {prep_cpu * 1000 / 120:.1f} |",
-        f"| networks, 4 modules (fp32) | {net:.2f} | {net * 1000 / 60:.1f} | {net_cpu:.2f} | "
+        f"| networks, 4 modules ({setting}) | {net:.2f} | {net * 1000 / 60:.1f} | {net_cpu:.2f} | "
         f"{net_cpu * 1000 / 120:.1f} |",
         f"| **end to end (`infer`)** | **{total:.2f}** | **{total * 1000 / 60:.1f}** | "
         f"**{total_cpu:.2f}** | **{total_cpu * 1000 / 120:.1f}** |", "",

@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 #: top-level modules: the shared base, and the two contract entry points of DESIGN.md
 TOP_LEVEL = {"biometry": "base", "biometry.errors": "base", "biometry.fileio": "base",
+             "biometry.parallel": "base",
              "biometry.cli": "cli", "biometry.formats": "data", "biometry.stats": "analysis"}
 MAX_FUNCTION_IMPORTS = 10
 

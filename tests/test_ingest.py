@@ -164,3 +164,46 @@ def test_phantom_zip_route(tmp_path):
     peak = max(float(s.water.max()) for s in subject.stations) * 2
     assert np.abs(a.water - b.water).max() < 3 * peak / 32767
     assert np.abs(a.fat - b.fat).max() < 3 * peak / 32767
+
+
+def _slice(pixels: np.ndarray, *, bits_stored: int, signed: bool, syntax=None) -> pydicom.Dataset:
+    """A minimal single-frame greyscale slice holding ``pixels``' bytes as stored."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+    ds.PixelRepresentation = int(signed)
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    return ds
+
+
+@pytest.mark.parametrize(("dtype", "bits_stored"), [
+    ("u2", 16), ("u2", 12), ("i2", 16), ("i2", 12), ("u1", 8), ("u1", 6), ("i4", 20)])
+def test_stored_values_are_what_pydicom_decodes(dtype, bits_stored):
+    """The fast path for uncompressed slices gives pydicom's values bit for bit, including bits
+    beyond BitsStored (garbage in the high bits: masked when unsigned, sign-extended when
+    signed); a layout it does not take (big-endian) goes through pydicom."""
+    from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+    from biometry.data.ingest import stored_values
+
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dt)
+    raw = rng.integers(info.min, info.max, size=(7, 5), endpoint=True, dtype=dt)
+    for syntax in (None, ImplicitVRLittleEndian):
+        ds = _slice(raw, bits_stored=bits_stored, signed=dt.kind == "i", syntax=syntax)
+        fast, slow = stored_values(ds), ds.pixel_array
+        assert fast.dtype == slow.dtype and np.array_equal(fast, slow)
+    if bits_stored < dt.itemsize * 8:  # the high bits were garbage and do not survive
+        assert not np.array_equal(fast, raw)
+    big = _slice(raw, bits_stored=bits_stored, signed=dt.kind == "i")
+    big.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    big.PixelData = raw.astype(dt.newbyteorder(">")).tobytes()
+    assert np.array_equal(stored_values(big), big.pixel_array)

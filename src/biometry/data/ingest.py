@@ -33,7 +33,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 
 from biometry.data.discovery import series_channel
 from biometry.data.types import Station
@@ -310,6 +315,44 @@ def _read_slice(data: bytes, member: str, zip_name: str) -> Dataset:
         raise InputError(f"{zip_name}: unreadable DICOM {member}: {exc}") from exc
 
 
+def stored_values(ds: Dataset) -> np.ndarray:
+    """A single-frame greyscale slice's stored values, as ``ds.pixel_array`` gives them.
+
+    Uncompressed little-endian pixel data (what a UKB zip holds) is read straight from its bytes,
+    with pydicom's handling of the bits beyond BitsStored (masked when unsigned, sign-extended when
+    signed): pydicom's decoder pipeline costs ~0.15 ms a slice, about an eighth of preparing a
+    subject from a zip. Anything else (compressed, big-endian, several samples or frames, an odd
+    HighBit) goes through ``ds.pixel_array``.
+    """
+    try:
+        syntax = ds.file_meta.TransferSyntaxUID
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        alloc, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        signed = int(ds.PixelRepresentation) == 1
+        simple = (syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+                  and int(ds.get("SamplesPerPixel", 1)) == 1
+                  and int(ds.get("NumberOfFrames", 1) or 1) == 1
+                  and alloc in (8, 16, 32) and 0 < stored <= alloc
+                  and int(ds.get("HighBit", stored - 1)) == stored - 1
+                  and "PixelData" in ds)
+    except (AttributeError, TypeError, ValueError):
+        simple = False
+    if not simple:
+        return ds.pixel_array
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{alloc // 8}")
+    data = ds.PixelData
+    if len(data) < rows * cols * dtype.itemsize:
+        return ds.pixel_array  # pydicom says what is wrong
+    values = np.frombuffer(data, dtype, count=rows * cols).reshape(rows, cols)
+    if stored < alloc:
+        unused = alloc - stored
+        if signed:
+            values = (values << unused) >> unused
+        else:
+            values = values & dtype.type((1 << stored) - 1)
+    return values.astype(dtype.newbyteorder("="), copy=False)
+
+
 def _series_from_zip(path: Path, use_manifest: bool = True) -> list[_Series]:
     series: dict[int, _Series] = {}
     try:
@@ -337,7 +380,7 @@ def _series_from_zip(path: Path, use_manifest: bool = True) -> list[_Series]:
                 position = np.array([float(v) for v in ds.ImagePositionPatient])
                 iop = np.array([float(v) for v in ds.ImageOrientationPatient])
                 spacing = tuple(float(v) for v in ds.PixelSpacing)
-                pixels = ds.pixel_array.astype(np.float32)
+                pixels = stored_values(ds).astype(np.float32)
                 slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
                 inter = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
                 time = str(getattr(ds, "SeriesTime", "") or "")

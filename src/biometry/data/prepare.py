@@ -19,7 +19,7 @@ The QC row of every subject names what was left out: ``dropped_repeats`` lists t
 acquisitions of a repeated station (series numbers for a zip, file names for converter output).
 
 Subjects are processed in chunks (one task per chunk, not per subject) on a Dask cluster: a
-``LocalCluster(n_workers=workers, threads_per_worker=1)`` by default, or the existing scheduler at
+``biometry.parallel.local_cluster(workers)`` by default, or the existing scheduler at
 ``scheduler`` (its workers must see the input and the store at the same paths: a shared file
 system). Workers write each chunk's arrays as new part files of the store; the client
 commits them to the index as they complete (:mod:`biometry.data.store`), so a killed run loses at most
@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from dask.distributed import Client, LocalCluster, as_completed
+from dask.distributed import as_completed
 from tqdm.auto import tqdm
 
 from biometry.data import formats as fmt_mod
@@ -66,6 +66,7 @@ from biometry.data.ingest import read_ukb_zip
 from biometry.data.store import Store
 from biometry.data.volumes import fuse, load_subject
 from biometry.errors import UsageError, run_guarded
+from biometry.parallel import connect, local_cluster
 
 DEFAULT_FORMATS: tuple[str, ...] = ("projection", "fat_fraction_slices", "mimir")
 DEFAULT_CHUNK_SIZE: int = 16
@@ -499,11 +500,10 @@ def _progress(total: int, enabled: bool, desc: str = "prepare"):
 def _run_dask(chunks, parts, store_path, formats, spacing, workers, scheduler, store, bar) -> int:
     """Map chunks over a Dask cluster and commit each as it completes; returns subjects done."""
     if scheduler:
-        client, cluster = Client(scheduler), None
+        client, cluster = connect(scheduler), None
     else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None,
-                               processes=True)
-        client = Client(cluster)
+        cluster = local_cluster(workers)
+        client = connect(cluster)
     n_done = 0
     try:
         futures = {client.submit(process_chunk, chunk, store_path, part, formats, spacing,

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from biometry.config import fields as catalogue
 from biometry.config.paths import runs_dir
+from biometry.parallel import MALLOC_TRIM, available_cores, connect, local_cluster
 from biometry.runs.runner import RunResult, RunSpec, execute_run, is_finished, run_dir_for
 
 
@@ -24,19 +25,17 @@ def dask_client(workers: int, scheduler: str | None = None, jobqueue: dict | Non
     """A dask Client on a running scheduler, a dask-jobqueue cluster, or a local cluster of
     ``workers`` one-thread processes; a cluster made here is closed on exit (a Client given a
     cluster object leaves it, and its worker processes, running)."""
-    from dask.distributed import Client, LocalCluster  # here: a figure notebook needs no dask
     if scheduler:
-        with Client(scheduler) as client:
-            yield client
+        with connect(scheduler) as c:
+            yield c
         return
     if jobqueue:
         cluster = make_jobqueue_cluster(jobqueue)
         cluster.scale(jobs=int(jobqueue.get("jobs", workers)))
     else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-    with cluster, Client(cluster) as client:
-        yield client
+        cluster = local_cluster(workers)
+    with cluster, connect(cluster) as c:
+        yield c
 
 
 def make_jobqueue_cluster(settings: dict):
@@ -57,14 +56,6 @@ def make_jobqueue_cluster(settings: dict):
         raise ValueError(f"unknown jobqueue kind {kind!r}; use one of {', '.join(kinds)}")
     kw.setdefault("processes", 1)
     return getattr(dask_jobqueue, kinds[kind])(**kw)
-
-
-def available_cores() -> int:
-    """The CPU cores this process may use (its affinity where the OS tells, else the count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def thread_plan(n_runs: int, workers: int, cores: int | None = None) -> list[int]:
@@ -99,11 +90,12 @@ def execute_with_threads(spec: RunSpec, root, force: bool = False,
     to ``threads`` (through the variables it inherits; None: the worker's as they are). Only for
     a worker process, which runs one task at a time: it sets this process's environment.
 
-    Dask starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which a kernel would inherit:
-    glibc then hands memory back to the system after every large free, and a training's
-    allocations turn into system calls (a third of the CPU time in system mode, measured; a
-    training ~1.7x slower). The kernel gets glibc's default instead."""
-    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    Dask starts the workers of a cluster not made by :func:`biometry.parallel.local_cluster`
+    (``dask worker``) with ``MALLOC_TRIM_THRESHOLD_=65536``, which a kernel would inherit: glibc
+    then hands memory back to the system after every large free, and a training's allocations
+    turn into system calls (a third of the CPU time in system mode, measured; a training ~1.7x
+    slower). The kernel gets glibc's default instead."""
+    os.environ.pop(MALLOC_TRIM, None)
     if threads is not None:
         os.environ.update({name: str(int(threads)) for name in THREAD_VARIABLES})
     return execute_run(spec, root, force)

@@ -28,9 +28,9 @@ from biometry import fileio
 from biometry.config import fields
 from biometry.config.population import options_of, population
 from biometry.config.study import data_paths, default_runs_root, load_study
+from biometry.parallel import available_cores
 from biometry.phantom.cohort import PHANTOM_VERSION
 from biometry.phantom.writer import code_fingerprint
-from biometry.runs.batch import available_cores
 from biometry.runs.pipeline import StageError, resolve_workers, run_study
 from biometry.runs.runner import (
     RunSpec,

@@ -47,8 +47,8 @@ from biometry.data.store import Store
 from biometry.data.tables import references_from_fields_csv
 from biometry.learn.cv import check_training_inputs, load_targets
 from biometry.learn.splits import load_or_create_splits
+from biometry.parallel import available_cores
 from biometry.runs.batch import (
-    available_cores,
     dask_client,
     execute_with_threads,
     report,

@@ -186,6 +186,7 @@ def provenance() -> dict[str, Any]:
         "host": socket.gethostname(),
         "user": _safe(getpass.getuser),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
         "packages": {p: _safe(md.version, p) for p in _PACKAGES},
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
@@ -194,12 +195,35 @@ def provenance() -> dict[str, Any]:
         import torch  # here, not at the top: the figure notebooks import this module, not torch
 
         info["device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+        # the kernels torch picks (e.g. AVX2 or AVX512): another set gives other last digits
+        info["cpu_capability"] = _safe(torch.backends.cpu.get_cpu_capability)
         # the notebook's kernel, a child process, starts torch from this environment
         omp = os.environ.get("OMP_NUM_THREADS", "")
         info["torch_threads"] = int(omp) if omp.isdigit() else torch.get_num_threads()
     except Exception:  # pragma: no cover - torch is a dependency
         info["device"] = "unknown"
     return info
+
+
+def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The processor as the kernel names it, with its family, model and stepping numbers where
+    ``cpuinfo`` gives them (``"AMD EPYC (family 26, model 2, stepping 1)"``): virtual machines
+    of one name may run on different processor generations, whose kernels give other results.
+    Falls back to :func:`platform.processor` (empty on some systems) where there is no cpuinfo."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    first = text.split("\n\n", 1)[0]  # the first processor's block
+    info = {}
+    for line in first.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            info.setdefault(key.strip(), value.strip())
+    name = info.get("model name") or info.get("Processor") or platform.machine()
+    numbers = [f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if info.get(k)]
+    numbers = [n.replace("cpu family", "family") for n in numbers]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
 
 
 def _safe(fn, *args):
