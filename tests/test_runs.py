@@ -239,3 +239,20 @@ def test_stages_side_by_side_start_after_what_they_read(tmp_path):
     with pytest.raises(pipeline.RunsFailed, match="stage a"):
         run(root, failing="a")
     assert len(_spans(root, "a")) == 2 and _spans(root, "b") == []
+
+
+def test_demo_passes_its_roots_to_the_study_run(tmp_path, monkeypatch):
+    """`biometry demo --runs-root R --figures-root F`: the stages get both (figures used to land in
+    the checkout's figures/ whatever --runs-root said)."""
+    import pandas as pd
+
+    from biometry.runs import demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "make_data", lambda study, root, force=False: None)
+    monkeypatch.setattr(demo, "run_study", lambda study, root, **kw: seen.update(root=root, **kw))
+    monkeypatch.setattr(demo, "summary_table", lambda study, root: pd.DataFrame({"field": []}))
+    assert demo.main(["--runs-root", str(tmp_path / "r"), "--figures-root",
+                      str(tmp_path / "f"), "--workers", "1"]) == 0
+    assert seen["root"] == tmp_path / "r" and seen["figures_root"] == str(tmp_path / "f")
+    assert (tmp_path / "r" / "demo" / "summary" / "summary.csv").is_file()

@@ -59,8 +59,11 @@ def _stage(spec: RunSpec, root: Path, force: bool = False) -> None:
 
 
 def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: int | None = None,
-             force: bool = False, figures: bool = True) -> pd.DataFrame:
-    """Run every stage of ``study_name`` on its phantom cohort; return the summary table."""
+             force: bool = False, figures: bool = True,
+             figures_root: str | Path | None = None) -> pd.DataFrame:
+    """Run every stage of ``study_name`` on its phantom cohort; return the summary table.
+    ``figures_root``: where the figures go (default: the study's, ``figures/`` of the checkout
+    for a preset)."""
     study = load_study(study_name)
     root = Path(root) if root is not None else default_runs_root(study)
     data = dict(study.data or {})
@@ -76,7 +79,7 @@ def run_demo(study_name: str = "demo", root: str | Path | None = None, workers: 
     stages = None if figures else ["train", "evaluate"]
     # a changed demo.yaml retrains (the demo's runs are its own, nothing to protect)
     run_study(study, root, workers=workers, stages=stages, force=force, redo_changed=True,
-              log=lambda line: print(f"[demo] {line}", flush=True))
+              figures_root=figures_root, log=lambda line: print(f"[demo] {line}", flush=True))
 
     summary = summary_table(study, root)
     out = run_dir_for(RunSpec(study.name, "summary"), root)
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", default="demo", help="a study preset with phantom data (default demo)")
     ap.add_argument("--runs-root", help="where run folders go (default papermill_runs/)")
+    ap.add_argument("--figures-root",
+                    help="where figures and tables go (default figures/, also with --runs-root)")
     ap.add_argument("--workers", type=int,
                     help="runs at a time (default: the study's dispatch.workers, at most the "
                          "cores; the demo's 2: trainings and later stages two at a time)")
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-figures", action="store_true", help="skip the figure notebooks")
     a = ap.parse_args(argv)
     try:
-        run_demo(a.study, a.runs_root, a.workers, a.force, figures=not a.no_figures)
+        run_demo(a.study, a.runs_root, a.workers, a.force, figures=not a.no_figures,
+                 figures_root=a.figures_root)
     except (StageError, RuntimeError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"biometry demo: {exc}", file=sys.stderr)
         return 1
