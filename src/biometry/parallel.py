@@ -14,6 +14,7 @@ the configuration). Workers of a cluster started by hand (``dask worker``) keep 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 #: the variable Dask sets on its worker processes, unset on ours
 MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
@@ -33,10 +34,20 @@ def _dask():
     return dask
 
 
-def connect(target):
-    """A ``dask.distributed.Client`` on ``target``: a cluster object or a scheduler address
-    (a context manager; closing it leaves a cluster object running)."""
-    return _dask().distributed.Client(target)
+@contextmanager
+def dask_client(workers: int = 1, scheduler: str | None = None, cluster=None):
+    """A ``dask.distributed.Client``: on the running scheduler at ``scheduler``, else on
+    ``cluster`` (a cluster object, e.g. dask-jobqueue's), else on a :func:`local_cluster` of
+    ``workers`` made here. A cluster object is closed on exit with the client (a Client given a
+    cluster object leaves it, and its worker processes, running); a scheduler is left running."""
+    distributed = _dask().distributed
+    if scheduler:
+        with distributed.Client(scheduler) as client:
+            yield client
+        return
+    with (cluster if cluster is not None else local_cluster(workers)) as made, \
+            distributed.Client(made) as client:
+        yield client
 
 
 def local_cluster(workers: int, **kwargs):

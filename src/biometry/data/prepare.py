@@ -18,9 +18,9 @@ Input folders (detected in this order):
 The QC row of every subject names what was left out: ``dropped_repeats`` lists the earlier
 acquisitions of a repeated station (series numbers for a zip, file names for converter output).
 
-Subjects are processed in chunks (one task per chunk, not per subject) on a Dask cluster: a
-``biometry.parallel.local_cluster(workers)`` by default, or the existing scheduler at
-``scheduler`` (its workers must see the input and the store at the same paths: a shared file
+Subjects are processed in chunks (one task per chunk, not per subject) on a Dask cluster
+(:func:`biometry.parallel.dask_client`): a ``local_cluster(workers)`` by default, or the existing
+scheduler at ``scheduler`` (its workers must see the input and the store at the same paths: a shared file
 system). Workers write each chunk's arrays as new part files of the store; the client
 commits them to the index as they complete (:mod:`biometry.data.store`), so a killed run loses at most
 the chunks in flight and leaves no half-written array. The store's row order therefore records
@@ -66,7 +66,7 @@ from biometry.data.ingest import read_ukb_zip
 from biometry.data.store import Store
 from biometry.data.volumes import fuse, load_subject
 from biometry.errors import UsageError, run_guarded
-from biometry.parallel import connect, local_cluster
+from biometry.parallel import dask_client
 
 DEFAULT_FORMATS: tuple[str, ...] = ("projection", "fat_fraction_slices", "mimir")
 DEFAULT_CHUNK_SIZE: int = 16
@@ -499,13 +499,8 @@ def _progress(total: int, enabled: bool, desc: str = "prepare"):
 
 def _run_dask(chunks, parts, store_path, formats, spacing, workers, scheduler, store, bar) -> int:
     """Map chunks over a Dask cluster and commit each as it completes; returns subjects done."""
-    if scheduler:
-        client, cluster = connect(scheduler), None
-    else:
-        cluster = local_cluster(workers)
-        client = connect(cluster)
     n_done = 0
-    try:
+    with dask_client(workers, scheduler) as client:
         futures = {client.submit(process_chunk, chunk, store_path, part, formats, spacing,
                                  pure=False): chunk
                    for chunk, part in zip(chunks, parts, strict=True)}
@@ -521,10 +516,6 @@ def _run_dask(chunks, parts, store_path, formats, spacing, workers, scheduler, s
             store.commit(part, eids, sources, qc_rows)
             n_done += len(eids)
             bar.update(len(chunk))
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     return n_done
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +15,8 @@ from tqdm.auto import tqdm
 
 from biometry.config import fields as catalogue
 from biometry.config.paths import runs_dir
-from biometry.parallel import MALLOC_TRIM, available_cores, connect, local_cluster
+from biometry.parallel import MALLOC_TRIM, available_cores, dask_client
 from biometry.runs.runner import RunResult, RunSpec, execute_run, is_finished, run_dir_for
-
-
-@contextmanager
-def dask_client(workers: int, scheduler: str | None = None, jobqueue: dict | None = None):
-    """A dask Client on a running scheduler, a dask-jobqueue cluster, or a local cluster of
-    ``workers`` one-thread processes; a cluster made here is closed on exit (a Client given a
-    cluster object leaves it, and its worker processes, running)."""
-    if scheduler:
-        with connect(scheduler) as c:
-            yield c
-        return
-    if jobqueue:
-        cluster = make_jobqueue_cluster(jobqueue)
-        cluster.scale(jobs=int(jobqueue.get("jobs", workers)))
-    else:
-        cluster = local_cluster(workers)
-    with cluster, connect(cluster) as c:
-        yield c
 
 
 def make_jobqueue_cluster(settings: dict):
@@ -136,7 +117,11 @@ def run_batch(specs: Sequence[RunSpec], root: str | os.PathLike | None = None, w
     else:
         from dask.distributed import as_completed  # with the cluster only (see above)
 
-        with dask_client(workers, scheduler, jobqueue) as client:
+        cluster = None
+        if jobqueue and not scheduler:
+            cluster = make_jobqueue_cluster(jobqueue)
+            cluster.scale(jobs=int(jobqueue.get("jobs", workers)))
+        with dask_client(workers, scheduler, cluster) as client:
             futures = [client.submit(execute_with_threads, spec, root, force,
                                      plan.get(spec, per_job), pure=False, key=f"run-{i}")
                        for i, spec in enumerate(todo)]

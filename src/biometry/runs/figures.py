@@ -56,11 +56,11 @@ def figure_notebooks(study) -> list[str]:
             and (nb not in ONLY_WITH_BLOCK or getattr(study, ONLY_WITH_BLOCK[nb]) is not None)]
 
 
-def figures_dir_for(study: str, figures_root: str | Path | None = None) -> Path:
-    """``<figures_root>/<study name>``; the root defaults to
-    :func:`biometry.config.study.default_figures_root` (``figures/`` of the checkout for a
-    preset, ``figures/`` beside a user's study file)."""
-    s = load_study(study)
+def figures_dir_for(study, figures_root: str | Path | None = None) -> Path:
+    """``<figures_root>/<study name>`` (``study``: a name, a YAML path or a loaded study); the
+    root defaults to :func:`biometry.config.study.default_figures_root` (``figures/`` of the
+    checkout for a preset, ``figures/`` beside a user's study file)."""
+    s = resolve_study(study)
     return (Path(figures_root) if figures_root else default_figures_root(s)) / s.name
 
 
@@ -69,7 +69,7 @@ def figure_specs(study, runs_root: str | Path | None = None,
     """The runs of a study's figure notebooks (always rebuilt: ``force``), and their folder."""
     loaded = resolve_study(study)
     runs_root = Path(runs_root) if runs_root else default_runs_root(loaded)
-    out_dir = figures_dir_for(str(loaded.path), figures_root)
+    out_dir = figures_dir_for(loaded, figures_root)
     common = {"study": str(loaded.path), "runs_root": str(runs_root), "out_dir": str(out_dir)}
     return [RunSpec(loaded.name, "figures", dict(common), field=nb, notebook=f"{nb}.ipynb")
             for nb in figure_notebooks(loaded)], out_dir

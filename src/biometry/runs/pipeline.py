@@ -47,16 +47,15 @@ from biometry.data.store import Store
 from biometry.data.tables import references_from_fields_csv
 from biometry.learn.cv import check_training_inputs, load_targets
 from biometry.learn.splits import load_or_create_splits
-from biometry.parallel import available_cores
+from biometry.parallel import available_cores, dask_client
 from biometry.runs.batch import (
-    dask_client,
     execute_with_threads,
     report,
     run_batch,
     study_train_specs,
     thread_plan,
 )
-from biometry.runs.figures import build_figures, figure_specs
+from biometry.runs.figures import build_figures, figure_specs, figures_dir_for
 from biometry.runs.runner import (
     RunResult,
     RunSpec,
@@ -539,8 +538,7 @@ def run_side_by_side(study, order: Sequence[Stage], runs_root=None, data_dir=Non
         raise RunsFailed(f"stage {', '.join(failed)} of {study.name}: some runs failed (see "
                          f"above)")
     if any(st.scope == "figures" for st in order if st.name in done):
-        print(f"figures and tables of {study.name} in "
-              f"{figure_specs(study, root, figures_root)[1]}")
+        print(f"figures and tables of {study.name} in {figures_dir_for(study, figures_root)}")
 
 
 # ------------------------------------------------------------------------------------ the CLI

@@ -214,16 +214,16 @@ def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
         return platform.processor() or platform.machine()
-    first = text.split("\n\n", 1)[0]  # the first processor's block
-    info = {}
-    for line in first.splitlines():
+    info: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():  # the first processor's block
         key, sep, value = line.partition(":")
         if sep:
             info.setdefault(key.strip(), value.strip())
     name = info.get("model name") or info.get("Processor") or platform.machine()
-    numbers = [f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if info.get(k)]
-    numbers = [n.replace("cpu family", "family") for n in numbers]
-    return f"{name} ({', '.join(numbers)})" if numbers else name
+    numbers = ", ".join(f"{label} {info[key]}" for key, label in
+                        (("cpu family", "family"), ("model", "model"), ("stepping", "stepping"))
+                        if info.get(key))
+    return f"{name} ({numbers})" if numbers else name
 
 
 def _safe(fn, *args):
