@@ -256,3 +256,14 @@ def test_demo_passes_its_roots_to_the_study_run(tmp_path, monkeypatch):
                       str(tmp_path / "f"), "--workers", "1"]) == 0
     assert seen["root"] == tmp_path / "r" and seen["figures_root"] == str(tmp_path / "f")
     assert (tmp_path / "r" / "demo" / "summary" / "summary.csv").is_file()
+
+
+def test_a_notebook_given_by_path_is_not_overwritten_by_its_run(tmp_path, tiny_notebook):
+    """The executed copy goes into the run folder: with an absolute notebook path it used to
+    replace the source, which a second run beside it then read half-written (NotJSONError)."""
+    from biometry.runs.runner import execute_run
+
+    before = tiny_notebook.read_bytes()
+    res = execute_run(RunSpec("s", "x", {"value": "a"}, notebook=str(tiny_notebook)), tmp_path)
+    assert res.status == "done" and res.notebook == res.run_dir / "tiny.ipynb"
+    assert res.notebook.is_file() and tiny_notebook.read_bytes() == before

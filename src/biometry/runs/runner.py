@@ -248,7 +248,8 @@ def execute_run(spec: RunSpec, root: str | os.PathLike | None = None, force: boo
     error. A finished run whose recorded identity differs is redone."""
     run_dir = run_dir_for(spec, root)
     if is_finished(run_dir, spec.identity) and not force:
-        return RunResult(spec, "skipped", run_dir, notebook=run_dir / (spec.notebook or STAGES.get(spec.stage, "")))
+        return RunResult(spec, "skipped", run_dir,
+                         notebook=run_dir / Path(spec.notebook or STAGES.get(spec.stage, "")).name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED).unlink(missing_ok=True)
     (run_dir / DONE).unlink(missing_ok=True)
@@ -259,7 +260,9 @@ def execute_run(spec: RunSpec, root: str | os.PathLike | None = None, force: boo
         {"study": spec.study, "stage": spec.stage, "field": spec.field, "fold": spec.fold,
          "notebook": nb_name, "parameters": params, "identity": spec.identity}, sort_keys=True))
     fileio.write_json(run_dir / "provenance.json", provenance())
-    output = run_dir / nb_name
+    # in the run folder, by name: a notebook given by an absolute path would otherwise be
+    # overwritten by its own output (and read half-written by a run beside it)
+    output = run_dir / Path(nb_name).name
     start = time.perf_counter()
     try:
         execute_notebook(source, output, parameters=params, cwd=cwd or repo_root())
