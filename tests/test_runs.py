@@ -57,6 +57,24 @@ def test_local_cluster_workers_start_without_dasks_malloc_trim():
         assert client.submit(os.environ.get, "OMP_NUM_THREADS").result() == "1"  # Dask's others
 
 
+def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path):
+    """Worker processes import a user's script again; one without `if __name__ == '__main__'`
+    then starts a cluster inside each of them, which fails with Dask's "Nanny failed to start"
+    under screens of tracebacks. The error the script ends with says what to change."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("from biometry.parallel import local_cluster\n"
+                      "with local_cluster(1):\n    pass\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: 1 local Dask worker process(es) could not start")
+    assert "if __name__ == '__main__':" in last and "workers=1" in last
+
+
 def test_provenance_names_the_processor_generation(tmp_path):
     """Two virtual machines called alike ran the demo on different processor generations and
     gave other last digits: the processor's family and model numbers tell them apart."""

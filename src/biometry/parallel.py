@@ -57,4 +57,13 @@ def local_cluster(workers: int, **kwargs):
     dask = _dask()
     kwargs = {"threads_per_worker": 1, "processes": True, "dashboard_address": None, **kwargs}
     with dask.config.set({f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM}": None}):
-        return dask.distributed.LocalCluster(n_workers=int(workers), **kwargs)
+        try:
+            return dask.distributed.LocalCluster(n_workers=int(workers), **kwargs)
+        except RuntimeError as exc:
+            # the usual cause: a script without a main guard, which each worker process
+            # (started by spawn) imports again and which then starts a cluster of its own
+            raise RuntimeError(
+                f"{workers} local Dask worker process(es) could not start ({exc}); a script that "
+                f"runs biometry with workers > 1 must put its calls under `if __name__ == "
+                f"'__main__':`, since every worker process imports the script again (or pass "
+                f"workers=1)") from exc

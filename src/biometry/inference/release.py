@@ -5,7 +5,9 @@ Fig. 2 made apples to apples, plus the intervals:
 
 * **members**: each fold network alone on the release (R², MAE) against the same fold's
   validation metrics in the cross-validation. A fold network on new subjects is what the CV
-  measured; the folds' min-max range is the spread the release metrics should fall in.
+  measured; the folds' min-max range is the spread the release metrics should fall in. With 3
+  folds of ~130 subjects even a flawless system keeps every member inside for only one field in
+  3 to 7 (``benchmarks/release_spread.py``, BENCHMARKS.md), hence the next point.
 * **consistency**: the range of 3 folds is narrow, and every fold is drawn from the same cohort,
   so it cannot show the cohort's own sampling luck (on the phantom, the demo cohort's grip-strength
   noise is lighter than a later release's: docs/inference.md §5). With the out-of-fold
