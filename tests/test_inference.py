@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from biometry.config.study import load_study
 from biometry.config.training import TrainConfig
 from biometry.data.store import Store
 from biometry.inference import bundle as B
+from biometry.inference import engine
 from biometry.inference.engine import infer
 from biometry.inference.export import calibrate_module, export_module
 from biometry.learn.models import build_model
@@ -53,8 +55,9 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle_dir(trained, tmp_path_factory) -> Path:
+    # runs root of its own: the checkout's demo store (if one was made) must not lend its grid
     return export_module(load_study("demo"), "all", tmp_path_factory.mktemp("b") / "bundle",
-                         folder=trained)
+                         folder=trained, runs_root=tmp_path_factory.mktemp("runs"))
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +171,22 @@ def test_pickled_object_where_weights_should_be(bundle_dir, tmp_path, capsys):
     err = _one_line_error(capsys, ["infer", "--model", str(d), "--input", str(tmp_path),
                                    "--out", str(tmp_path / "p.csv")])
     assert "fold_0.pt is not a plain tensor file (refused to unpickle it" in err
+    # what the unpickler met, without torch's terminal colours or its advice to load it anyway
+    assert "GLOBAL print" in err, err  # the unpickler's sentence: what it met
+    assert "\x1b" not in err and "add_safe_globals" not in err, err
     assert "unpickled!" not in capsys.readouterr().out
     # and a tampered file is caught by its checksum before that
     pickle.dump({"x": 1}, w.open("wb"))
     with pytest.raises(B.BundleError, match="does not match its checksum"):
         B.load_bundle(d)
+    # a plain pickle with a matching checksum: refused, without torch's warning first
+    meta["files"]["weights/fold_0.pt"] = B.sha256(w)
+    (d / "bundle.json").write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(B.BundleError, match=r"fold_0.pt is not a plain tensor file \(refused "
+                                                r"to unpickle it: [^\n]+\)$"):
+            B.load_bundle(d)
 
 
 def test_weights_of_another_network_name_the_file(bundle_dir, tmp_path):
@@ -198,6 +212,72 @@ def test_input_folder_with_nothing_usable(bundle_dir, tmp_path, capsys):
     err = _one_line_error(capsys, ["infer", "--model", str(bundle_dir), "--input", str(empty),
                                    "--out", str(tmp_path / "p.csv")])
     assert f"{empty}: no subjects found" in err
+
+
+def test_export_records_the_training_grid_and_writes_the_same_bytes_twice(trained, tmp_path):
+    """A bundle says on which fused grid its networks were trained (the study's prepared store
+    records it), and two exports of the same runs are the same files: the weights' checksums do
+    not change from one export to the next."""
+    runs = tmp_path / "runs"
+    Store.create(runs / "demo" / "data" / "prepared", ["projection"]).check_grid((6.4, 6.4, 8.6))
+    a = export_module(load_study("demo"), "all", tmp_path / "a", folder=trained, runs_root=runs)
+    b = export_module(load_study("demo"), "all", tmp_path / "b", folder=trained, runs_root=runs)
+    meta_a = json.loads((a / "bundle.json").read_text())
+    assert meta_a["input"]["grid_mm"] == [6.4, 6.4, 8.6]
+    assert meta_a["files"] == json.loads((b / "bundle.json").read_text())["files"]
+    for rel in meta_a["files"]:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+    assert engine.bundle_grid(B.load_bundle(a)) == (6.4, 6.4, 8.6)
+
+
+def test_the_engine_prepares_on_the_grid_the_bundle_was_trained_on(bundle_dir, tmp_path):
+    """A folder of zips says nothing of its grid: the bundle's recorded grid is used, before a
+    phantom root's and the UKB grid; --spacing wins over it, with a note, as does a phantom
+    cohort of another grid."""
+    d = _copy(bundle_dir, tmp_path)
+    meta = json.loads((d / "bundle.json").read_text())
+    meta["input"]["grid_mm"] = [6.4, 6.4, 8.6]
+    (d / "bundle.json").write_text(json.dumps(meta))
+    with_grid, without = B.load_bundle(d), B.load_bundle(bundle_dir)
+    zips = tmp_path / "zips"
+    zips.mkdir()
+    assert engine.input_grids([with_grid, without], zips, None) == (
+        [(6.4, 6.4, 8.6), tuple(engine.UKB_SPACING)], [])
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    (cohort / "cohort.json").write_text(json.dumps({"fused_grid": {"spacing_mm": [5, 5, 7]}}))
+    grids, notes = engine.input_grids([with_grid, without], cohort, None)
+    assert grids == [(6.4, 6.4, 8.6), (5.0, 5.0, 7.0)]
+    assert notes == [f"{d}: trained on the fused grid 6.4 x 6.4 x 8.6 mm, the input cohort's is "
+                     f"5 x 5 x 7 mm; preparing on the bundle's"]
+    grids, notes = engine.input_grids([with_grid], zips, [3, 3, 3])
+    assert grids == [(3.0, 3.0, 3.0)] and "as --spacing says" in notes[0]
+    meta["input"]["grid_mm"] = [6.4, -1, 8.6]
+    (d / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(B.BundleError, match="grid_mm must be three positive numbers"):
+        B.load_bundle(d)
+
+
+def test_failures_go_beside_the_predictions_under_their_name(tmp_path):
+    assert engine.failures_path(tmp_path / "predictions.csv") == tmp_path / "failures.csv"
+    assert engine.failures_path(tmp_path / "rel2.csv") == tmp_path / "rel2_failures.csv"
+
+
+def test_input_errors_name_the_path_and_the_missing_key(bundle_dir, tmp_path, capsys):
+    missing = tmp_path / "no_such_folder"
+    err = _one_line_error(capsys, ["infer", "--model", str(bundle_dir), "--input", str(missing),
+                                   "--out", str(tmp_path / "p.csv")])
+    assert err.endswith(f"{missing}: no such file or folder")
+    d = _copy(bundle_dir, tmp_path)
+    meta = json.loads((d / "bundle.json").read_text())
+    del meta["input"]
+    (d / "bundle.json").write_text(json.dumps(meta))
+    err = _one_line_error(capsys, ["infer", "--model", str(d), "--input", str(tmp_path),
+                                   "--out", str(tmp_path / "p.csv")])
+    assert err.endswith("bundle.json lacks 'input'")
+    with pytest.raises(SystemExit):
+        cli_main(["infer", "--help"])
+    assert "calibrated 95 % intervals" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -103,6 +103,24 @@ def test_rerun_skips_done_subjects_and_appends_new_ones(cohort, tmp_path):
     assert Store.open(out).qc.set_index("eid").loc["2000002", "status"] == "ok"
 
 
+def test_a_store_keeps_the_grid_it_was_prepared_on(cohort, tmp_path, capsys):
+    """The images of one store share one fused grid (a network sees millimetres as pixels): the
+    first preparation records it, another grid is refused with one line naming the store and
+    both grids, and nothing of the store is touched."""
+    out = tmp_path / "store"
+    prep.prepare(cohort, out, progress=False, spacing=SPACING)
+    assert Store.open(out).grid_mm == SPACING
+    before = {f.name: f.read_bytes() for f in out.glob("*.*")}
+    rc = prep.main(["--input", str(cohort), "--out", str(out), "--no-progress",
+                    "--spacing", "8", "8", "10"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert f"{out}: prepared on the fused grid 8 x 8 x 8 mm, not 8 x 8 x 10 mm" in err
+    assert {f.name: f.read_bytes() for f in out.glob("*.*")} == before
+    # the same grid goes on as before
+    assert prep.prepare(cohort, out, progress=False, spacing=SPACING).n_done == 0
+
+
 def test_a_subject_whose_files_changed_is_never_reused(cohort, tmp_path, capsys):
     import os
     import shutil

@@ -60,7 +60,7 @@ def test_local_cluster_workers_start_without_dasks_malloc_trim():
 def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path):
     """Worker processes import a user's script again; one without `if __name__ == '__main__'`
     then starts a cluster inside each of them, which fails with Dask's "Nanny failed to start"
-    under screens of tracebacks. The error the script ends with says what to change."""
+    under screens of tracebacks. The error the script ends with says what to change, alone."""
     import subprocess
     import sys
 
@@ -73,6 +73,8 @@ def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("RuntimeError: 1 local Dask worker process(es) could not start")
     assert "if __name__ == '__main__':" in last and "workers=1" in last
+    # the worker processes stop quietly: one traceback, the script's (there were 15)
+    assert done.stderr.count("Traceback") == 1, done.stderr
 
 
 def test_provenance_names_the_processor_generation(tmp_path):

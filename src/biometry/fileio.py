@@ -75,6 +75,12 @@ def write_npy(target: str | os.PathLike, array: np.ndarray) -> Path:
     return Path(target)
 
 
+def write_bytes(target: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

@@ -13,6 +13,7 @@ the configuration). Workers of a cluster started by hand (``dask worker``) keep 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from contextlib import contextmanager
 
@@ -54,6 +55,10 @@ def local_cluster(workers: int, **kwargs):
     """A ``dask.distributed.LocalCluster`` of ``workers`` one-thread processes, no dashboard,
     whose workers start without Dask's ``MALLOC_TRIM_THRESHOLD_`` (see the module's text).
     ``kwargs`` go to ``LocalCluster``. The caller closes it (it is a context manager)."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # a worker process importing a script without a main guard, which now asks for a
+        # cluster of its own: stop it quietly (the script's own process says what to change)
+        raise SystemExit(1)
     dask = _dask()
     kwargs = {"threads_per_worker": 1, "processes": True, "dashboard_address": None, **kwargs}
     with dask.config.set({f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM}": None}):
@@ -66,4 +71,4 @@ def local_cluster(workers: int, **kwargs):
                 f"{workers} local Dask worker process(es) could not start ({exc}); a script that "
                 f"runs biometry with workers > 1 must put its calls under `if __name__ == "
                 f"'__main__':`, since every worker process imports the script again (or pass "
-                f"workers=1)") from exc
+                f"workers=1)") from None

@@ -64,8 +64,9 @@ from biometry.data.discovery import load_converter_subject, nifti_files
 from biometry.data.formats import FORMATS
 from biometry.data.ingest import read_ukb_zip
 from biometry.data.store import Store
+from biometry.data.types import UKB_SPACING
 from biometry.data.volumes import fuse, load_subject
-from biometry.errors import UsageError, run_guarded
+from biometry.errors import UsageError, one_line, run_guarded
 from biometry.parallel import dask_client
 
 DEFAULT_FORMATS: tuple[str, ...] = ("projection", "fat_fraction_slices", "mimir")
@@ -174,7 +175,7 @@ def verify_sources(store: Store, subjects: Sequence[Subject], progress: bool = F
             to_hash[s] = now_stat
     restamped = []
     for s, now_stat in tqdm(to_hash.items(), desc="checking sources", unit="subject",
-                            disable=not progress, file=sys.stderr):
+                            disable=not progress or not to_hash, delay=1, file=sys.stderr):
         try:
             same = source_sha256(s) == recorded.at[s.eid, "source_sha256"]
         except OSError:
@@ -462,9 +463,12 @@ def prepare_into(store: Store, subjects: Sequence[Subject], formats: Sequence[st
     ``chunk_size`` subjects (fewer when that leaves a worker idle), in-process when one worker
     (or one chunk) suffices, else on a Dask cluster (``workers`` processes, or ``scheduler``).
     Only this process writes the store's index; a failed subject gets its QC row and the others
-    go on. ``bar``: a tqdm bar (its total is set to the subjects to do) or None.
+    go on. ``bar``: a tqdm bar (its total is set to the subjects to do) or None. The fused grid
+    (``spacing``, None: the UKB grid) must be the one the store records (an empty store records
+    it: :meth:`~biometry.data.store.Store.check_grid`).
     Returns ``(subjects prepared now, subjects skipped)``.
     """
+    store.check_grid(spacing if spacing is not None else UKB_SPACING)
     done = store.done(retry_failed=retry_failed)
     progress = bar is not None and not getattr(bar, "disable", True)
     # failed before, and their files changed since: try again
@@ -560,7 +564,7 @@ def main(argv: list[str]) -> int:
                              retry_failed=args.retry_failed, progress=not args.no_progress,
                              spacing=args.spacing)
         except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
-            raise UsageError(str(exc).strip("'\"")) from None
+            raise UsageError(one_line(exc)) from None
         print(result.summary(), file=sys.stderr if not result.ok else sys.stdout)
         return 0 if result.ok else 1
 

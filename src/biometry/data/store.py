@@ -2,7 +2,9 @@
 
 Layout of a store folder::
 
-    store.json                    formats with their per-subject shape and dtype (written once)
+    store.json                    formats with their per-subject shape and dtype (written once),
+                                  and ``grid_mm``: the fused grid its subjects were prepared on
+                                  (recorded by the first preparation; absent in older stores)
     subjects.csv                  eid, row, part, offset, source, time: the commit point
     qc.csv                        eid, status (ok/failed), stage, error, numeric fusion QC columns,
                                   the source's fingerprint (source_size, source_stat, source_sha256)
@@ -143,6 +145,10 @@ def _read_npy_into(path: Path, target: np.ndarray, offset: int) -> None:
             done += n
 
 
+def _mm(grid: Sequence[float]) -> str:
+    return " x ".join(f"{v:g}" for v in grid) + " mm"
+
+
 class Store:
     """A prepared dataset folder (see the module docstring for the layout)."""
 
@@ -156,7 +162,29 @@ class Store:
             name: FormatSpec(tuple(spec["shape"]), spec["dtype"])
             for name, spec in meta["formats"].items()
         }
+        grid = meta.get("grid_mm")
+        #: the fused grid (mm) the subjects were prepared on; None: not recorded (older store)
+        self.grid_mm: tuple[float, float, float] | None = (
+            tuple(float(v) for v in grid) if grid else None)
         self.refresh()
+
+    def check_grid(self, grid_mm: Sequence[float]) -> None:
+        """Record the fused grid of an empty store, or refuse another grid than the recorded one
+        (one line naming the store and both grids): a store's images share one grid, since the
+        networks trained on them see millimetres as pixels. A store with subjects and no
+        record (made by an older version) is left as it is."""
+        grid = tuple(float(v) for v in grid_mm)  # exact: the engine prepares on it again
+        if self.grid_mm is not None:
+            if not np.allclose(self.grid_mm, grid, rtol=1e-6, atol=1e-9):
+                raise ValueError(
+                    f"{self.path}: prepared on the fused grid {_mm(self.grid_mm)}, not "
+                    f"{_mm(grid)}; prepare into another store (or give the store's grid)")
+            return
+        if len(self.subjects) or len(self.qc):
+            return
+        meta = json.loads((self.path / "store.json").read_text())
+        write_json(self.path / "store.json", {**meta, "grid_mm": list(grid)})
+        self.grid_mm = grid
 
     # -- creation ---------------------------------------------------------------------------
 

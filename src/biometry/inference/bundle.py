@@ -32,6 +32,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from biometry.config import fields as field_catalogue
 from biometry.config.formats import FORMAT_SPECS
 from biometry.inference.uncertainty import DEFAULT_ENSEMBLE_RULE, ENSEMBLE_RULES, ensemble
 from biometry.learn.devices import resolve_device
-from biometry.learn.models import build_model
+from biometry.learn.models import build_model, save_torch
 
 #: the layout version of ``bundle.json``; a loader refuses any other
 BUNDLE_FORMAT: int = 1
@@ -124,14 +125,29 @@ def _same_release_line(a: str, b: str) -> bool:
     return a.split(".")[:2] == b.split(".")[:2]
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _load_reason(exc: BaseException) -> str:
+    """The gist of torch's refusal, one line without its terminal colours: for a pickled
+    object, the unpickler's own sentence (what it met) rather than torch's advice on how to load
+    the file anyway."""
+    text = _ANSI.sub("", str(exc)).strip()
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    line = found.group(1) if found else (text.splitlines()[0] if text else type(exc).__name__)
+    line = line.strip().split(". ")[0].rstrip(".")  # its first sentence: what, not what to do
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
 def read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
     """A state dict of tensors from ``path``, refusing pickled objects (one-line BundleError)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols first
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(f"{where}: {path.name} is not a plain tensor file (refused to unpickle "
-                          f"it: {first[:160]})") from None
+                          f"it: {_load_reason(exc)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(
@@ -247,6 +263,15 @@ def _check_shapes(b: Bundle) -> None:
                           f"knows {', '.join(ENSEMBLE_RULES)})")
     if b.input_format not in FORMAT_SPECS:
         raise BundleError(f"{b.path}: unknown input format {b.input_format!r}")
+    grid = (b.meta.get("input") or {}).get("grid_mm")
+    if grid is not None:
+        try:
+            ok = len(grid) == 3 and all(np.isfinite(float(v)) and float(v) > 0 for v in grid)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise BundleError(f"{b.path}: input grid_mm must be three positive numbers (mm), "
+                              f"got {grid!r}")
 
 
 def _read_table(root: Path, name: str) -> pd.DataFrame:
@@ -404,8 +429,8 @@ def write_bundle(out_dir: str | os.PathLike, *, name: str, network: dict[str, An
     member_meta = []
     for k, (state, mean, std, *own) in enumerate(members):
         rel = f"weights/fold_{k}.pt"
-        with fileio.atomic_path(root / rel) as tmp:
-            torch.save({n: v.detach().cpu().contiguous() for n, v in state.items()}, tmp)
+        save_torch(root / rel, {n: v.detach().cpu().contiguous()
+                                        for n, v in state.items()})
         files[rel] = sha256(root / rel)
         member_meta.append({"weights": rel, "mean": [float(v) for v in mean],
                             "std": [float(v) for v in std],

@@ -43,7 +43,7 @@ from biometry.data.prepare import (
 )
 from biometry.data.store import Store
 from biometry.data.types import UKB_SPACING
-from biometry.errors import UsageError, run_guarded
+from biometry.errors import UsageError, one_line, run_guarded
 from biometry.inference.bundle import (
     Bundle,
     BundleError,
@@ -86,7 +86,8 @@ class InferResult:
                 f"{self.network_seconds:.1f} s) -> {self.out}")
         if len(self.failures):
             first = self.failures.iloc[0]
-            line += f" (e.g. {first['eid']}: {first['error']}; see failures.csv)"
+            line += (f" (e.g. {first['eid']}: {first['error']}; see "
+                     f"{failures_path(self.out).name})")
         return line
 
 
@@ -99,6 +100,10 @@ def find_inputs(inputs: Sequence[str | Path]) -> tuple[list[Subject], Path | Non
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise ValueError("no input given")
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        raise ValueError(f"{missing[0]}: no such file or folder"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if len(inputs) == 1 and inputs[0].is_dir():
         return find_subjects(inputs[0]), inputs[0]
     subjects = []
@@ -107,8 +112,6 @@ def find_inputs(inputs: Sequence[str | Path]) -> tuple[list[Subject], Path | Non
         if p.is_dir() or not m:
             raise ValueError(f"{p}: give one input folder or UKB zip files "
                              f"(<eid>_20201_2_0.zip)")
-        if not p.is_file():
-            raise ValueError(f"{p}: no such file")
         eid, instance = m.group(1), int(m.group(2))
         subjects.append(Subject(eid if instance == 2 else f"{eid}-{instance}", str(p), "zip"))
     keys = pd.Series([s.eid for s in subjects])
@@ -119,9 +122,54 @@ def find_inputs(inputs: Sequence[str | Path]) -> tuple[list[Subject], Path | Non
 
 
 def _grid_tag(spacing: tuple[float, float, float] | None) -> str:
-    if spacing is None:
+    if spacing is None or np.allclose(spacing, UKB_SPACING):
         return "ukb"
     return "x".join(f"{s:.4g}" for s in spacing)
+
+
+def bundle_grid(bundle: Bundle) -> tuple[float, float, float] | None:
+    """The fused grid (mm) a bundle's networks were trained on (``input.grid_mm``, recorded by
+    ``biometry export`` since the prepared stores record theirs), or None if not recorded."""
+    grid = (bundle.meta.get("input") or {}).get("grid_mm")
+    return tuple(float(v) for v in grid) if grid else None
+
+
+def failures_path(out: str | Path) -> Path:
+    """Where the failures of the predictions ``out`` go: ``failures.csv`` beside
+    ``predictions.csv``, ``<name>_failures.csv`` beside any other ``<name>.csv`` (two outputs
+    in one folder keep their own)."""
+    out = Path(out)
+    return out.parent / ("failures.csv" if out.stem == "predictions" else
+                         f"{out.stem}_failures.csv")
+
+
+def input_grids(bundles: Sequence[Bundle], folder: Path | None,
+                spacing: Sequence[float] | None) -> tuple[list[tuple[float, float, float]],
+                                                            list[str]]:
+    """The fused grid each bundle's inputs are prepared on, and notes for the user.
+
+    ``spacing`` (``--spacing``) wins; else the grid the bundle records (what its networks were
+    trained on); else a phantom root's grid; else the UKB grid. A note names each bundle whose
+    recorded grid is not the one used, or not the phantom root's.
+    """
+    given = tuple(float(s) for s in spacing) if spacing is not None else None
+    folder_grid = phantom_spacing(folder) if folder is not None else None
+    grids, notes = [], []
+    for b in bundles:
+        own = bundle_grid(b)
+        grid = given or own or folder_grid or tuple(UKB_SPACING)
+        if own is not None and not np.allclose(own, grid):
+            notes.append(f"{b.path}: trained on the fused grid {_mm(own)}; preparing on "
+                         f"{_mm(grid)} as --spacing says")
+        elif own is not None and folder_grid is not None and not np.allclose(own, folder_grid):
+            notes.append(f"{b.path}: trained on the fused grid {_mm(own)}, the input cohort's "
+                         f"is {_mm(folder_grid)}; preparing on the bundle's")
+        grids.append(grid)
+    return grids, notes
+
+
+def _mm(grid: Sequence[float]) -> str:
+    return " x ".join(f"{v:g}" for v in grid) + " mm"
 
 
 def cache_store(cache: Path, fmt: str, spacing: tuple[float, float, float] | None) -> Path:
@@ -135,8 +183,8 @@ def prepare_cached(subjects: Sequence[Subject], fmt: str, cache: Path,
     """Prepare ``subjects`` in format ``fmt`` into the cache store with ``workers`` processes;
     returns it and how many of the subjects were there already."""
     store = Store.create(cache_store(cache, fmt, spacing), [fmt], exist_ok=True)
-    bar = tqdm(total=len(subjects), unit="subject", desc=f"prepare {fmt}",
-               disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(subjects), unit="subject", desc=f"prepare {fmt}",  # shown after 1 s:
+               disable=not progress, delay=1, file=sys.stderr)  # not for a cache that has all
     _done, cached = prepare_into(store, subjects, [fmt], spacing, workers=workers,
                                  chunk_size=DEFAULT_CHUNK_SIZE, retry_failed=retry_failed, bar=bar)
     store.refresh()
@@ -169,10 +217,12 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
     ----------
     models : bundle folders (or loaded bundles).
     inputs : one folder (phantom root, UKB zips, subject folders with station NIfTI) or zip files.
-    out : the ``predictions.csv`` path; ``failures.csv`` and ``predictions.json`` go beside it.
+    out : the ``predictions.csv`` path; ``predictions.json`` and ``failures.csv`` go beside it
+        (for another name ``X.csv``: ``X.json`` and ``X_failures.csv``, :func:`failures_path`).
     cache : the cache folder (default ``<out folder>/cache``).
     batch_size, device, channels_last, bf16 : the forward passes.
-    spacing : fused grid (mm); default the phantom's grid for a phantom root, else the UKB grid.
+    spacing : fused grid (mm); default the grid each bundle was trained on (recorded at
+        export), else a phantom root's grid, else the UKB grid (:func:`input_grids`).
     retry_failed : prepare again the subjects that failed in an earlier run.
     workers : preparation processes (default :func:`default_workers`).
     ensemble_rule : how a bundle's members are combined (default each bundle's own rule;
@@ -194,27 +244,28 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
         bundles = load_bundles([m for m in models if not isinstance(m, Bundle)]) + [
             b for b in bundles if b is not None]
     subjects, folder = find_inputs(inputs)
-    if spacing is None and folder is not None:
-        spacing = phantom_spacing(folder)
-    grid = tuple(float(s) for s in spacing) if spacing is not None else None
+    grids, notes = input_grids(bundles, folder, spacing)
+    for note in notes:
+        print(f"infer: note: {note}", file=sys.stderr)
     cache = Path(cache) if cache else out.parent / "cache"
-    formats = list(dict.fromkeys(b.input_format for b in bundles))
+    inputs_of = [(b.input_format, g) for b, g in zip(bundles, grids, strict=True)]
+    needed = list(dict.fromkeys(inputs_of))
 
-    for fmt in formats:  # every cache checked before any is added to
+    for fmt, grid in needed:  # every cache checked before any is added to
         if (cache_store(cache, fmt, grid) / "store.json").is_file():
             verify_sources(Store.open(cache_store(cache, fmt, grid)), subjects, progress,
                            hint=f"give --cache a new folder, or remove {cache}")
     stores, n_cached = {}, len(subjects)
-    for fmt in formats:
-        stores[fmt], cached = prepare_cached(subjects, fmt, cache, grid, progress, retry_failed,
-                                             workers)
+    for fmt, grid in needed:
+        stores[fmt, grid], cached = prepare_cached(subjects, fmt, cache, grid, progress,
+                                                   retry_failed, workers)
         n_cached = min(n_cached, cached)
     t_prep = time.perf_counter() - t0
 
     order = [s.eid for s in subjects]
     failures = []
     ok = set(order)
-    for fmt, store in stores.items():
+    for (fmt, _grid), store in stores.items():
         failed = store.failed()
         failed = failed[failed["eid"].isin(ok)]
         for _, r in failed.iterrows():
@@ -230,8 +281,8 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
     field_meta, member_parts = [], []
     bar = tqdm(total=len(bundles) * len(eids), unit="subject", desc="predict",
                disable=not progress or not eids, file=sys.stderr)
-    for b in bundles:
-        store = stores[b.input_format]
+    for b, key in zip(bundles, inputs_of, strict=True):
+        store = stores[key]
         rows = store.rows(eids) if eids else np.zeros(0, dtype=np.int64)
         arr = store.array(b.input_format)
         rule = ensemble_rule or b.ensemble_rule
@@ -264,7 +315,7 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
     t_net = time.perf_counter() - t1
     table = pd.DataFrame(columns)
     fileio.write_csv(out, table)
-    fileio.write_csv(out.parent / "failures.csv", fail_table)
+    fileio.write_csv(failures_path(out), fail_table)
     fileio.write_json(out.with_suffix(".json"), {
         "biometry_version": __version__, "interval": 0.95,
         "columns": "F_mean, F_var (calibrated), F_lo95, F_hi95 = mean -/+ 1.96 sqrt(var)",
@@ -276,9 +327,11 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
         "models": [{"path": str(b.path), "name": b.name, "original_mimir": b.original,
                     "package_version": b.meta.get("package_version"),
                     "input_format": b.input_format, "members": len(b.members),
-                    "ensemble_rule": ensemble_rule or b.ensemble_rule} for b in bundles],
+                    "ensemble_rule": ensemble_rule or b.ensemble_rule,
+                    "grid_mm": list(g), "trained_grid_mm": list(bundle_grid(b) or []) or None}
+                   for b, g in zip(bundles, grids, strict=True)],
         "workers": workers,
-        "grid_mm": list(grid) if grid else list(UKB_SPACING),
+        "grid_mm": list(grids[0]),
         "n_subjects": len(subjects), "n_predicted": len(table), "n_failed": len(fail_table)})
     return InferResult(out=out, n_input=len(subjects), predictions=table, failures=fail_table,
                        n_cached=n_cached, prepare_seconds=t_prep, network_seconds=t_net,
@@ -305,20 +358,21 @@ def main(argv: list[str]) -> int:
     def _run(args_list: list[str]) -> int:
         p = argparse.ArgumentParser(
             prog="biometry infer",
-            description="Predict every subject of a release with calibrated 95 %% intervals.")
+            description="Predict every subject of a release with calibrated 95 % intervals.")
         p.add_argument("--model", action="append", required=True, metavar="DIR",
                        help="a model bundle or an original MIMIR module folder (repeatable)")
         p.add_argument("--input", nargs="+", required=True, metavar="DIR_OR_ZIP",
                        help="one folder (UKB zips, NIfTI station folders, a phantom cohort) or "
                             "UKB zip files")
-        p.add_argument("--out", required=True, help="predictions.csv to write (failures.csv and "
-                       "predictions.json beside it)")
+        p.add_argument("--out", required=True, help="predictions.csv to write (predictions.json "
+                       "and failures.csv beside it; for X.csv: X.json and X_failures.csv)")
         p.add_argument("--cache", default=None, help="cache of prepared inputs (default: "
                        "<out folder>/cache); a second run reuses it")
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--device", default="auto", help="auto | cpu | cuda")
         p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                       help="fused grid (mm); default the phantom's grid or the UKB grid")
+                       help="fused grid (mm); default the grid the bundle was trained on, "
+                            "else a phantom root's, else the UKB grid")
         p.add_argument("--workers", type=int, default=default_workers(),
                        help="preparation processes (default: %(default)s, i.e. min(2, cpus))")
         p.add_argument("--ensemble-rule", choices=ENSEMBLE_RULES, default=None,
@@ -339,7 +393,7 @@ def main(argv: list[str]) -> int:
                            not a.no_progress, a.spacing, a.retry_failed, a.channels_last, a.bf16,
                            a.workers, a.ensemble_rule)
         except (BundleError, FileNotFoundError, ValueError, KeyError) as exc:
-            raise UsageError(str(exc).strip("'\"")) from None
+            raise UsageError(one_line(exc)) from None
         print(result.summary(), file=sys.stdout if result.failures.empty else sys.stderr)
         return 0 if result.failures.empty else 1
 

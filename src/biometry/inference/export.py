@@ -22,8 +22,9 @@ from biometry import __version__, fileio
 from biometry.analysis.stats import agreement
 from biometry.config import fields as field_catalogue
 from biometry.config.formats import FORMAT_SPECS
-from biometry.config.study import default_runs_root, resolve_study
-from biometry.errors import UsageError, run_guarded
+from biometry.config.study import data_paths, default_runs_root, resolve_study
+from biometry.data.store import Store
+from biometry.errors import UsageError, one_line, run_guarded
 from biometry.inference import uncertainty as unc
 from biometry.inference.bundle import write_bundle
 
@@ -154,13 +155,25 @@ def _card(study, module: str, keys: list[str], metrics: dict, scales: dict, fold
     return "\n".join(lines)
 
 
+def training_grid(study, runs_root: str | Path | None = None, data_dir: str | Path | None = None
+                  ) -> tuple[float, float, float] | None:
+    """The fused grid (mm) the study's prepared store records, or None (no store, or one made
+    before stores recorded their grid)."""
+    try:
+        return Store.open(data_paths(study, data_dir, runs_root).prepared).grid_mm
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
 def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path | None = None,
-                  folder: str | Path | None = None, fold: int | None = None) -> Path:
+                  folder: str | Path | None = None, fold: int | None = None,
+                  data_dir: str | Path | None = None) -> Path:
     """Write the bundle of a trained module (all finished folds as an ensemble, or one ``fold``).
 
     The calibration factors are fitted on the pooled out-of-fold predictions of all folds, and
     per member on its own fold's out-of-fold predictions (what the engine applies to that
-    member).
+    member). The input spec records the fused grid of the study's prepared store (``data_dir``:
+    the study's data folder if not its own), on which the engine prepares new subjects.
     """
     study = resolve_study(study)
     folder = Path(folder) if folder else train_dir(study, module, runs_root)
@@ -197,6 +210,9 @@ def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path
     shape, dtype = FORMAT_SPECS[study.format]
     input_spec = {"format": study.format, "shape": list(shape), "dtype": np.dtype(dtype).name,
                   "input_size": first.get("input_size"), "pixel_scale": 1 / 255}
+    grid = training_grid(study, runs_root, data_dir)
+    if grid is not None:  # the engine prepares new subjects on it
+        input_spec["grid_mm"] = list(grid)
     network = {"arch": first["arch"], "in_channels": int(first["in_channels"]),
                "head": first["head"]}
     return write_bundle(out_dir, name=f"{study.name}-{module}", network=network,
@@ -220,8 +236,9 @@ def main(argv: list[str]) -> int:
         p.add_argument("--module", default="all", help="trained network (run folder name; "
                        "default all, the multi-field network)")
         p.add_argument("--out", required=True, help="bundle folder (missing or empty)")
-        p.add_argument("--runs-root", default=None, help="where run folders are (default "
-                       "papermill_runs/)")
+        p.add_argument("--runs-root", default=None, help="where run folders are (default: "
+                       "the checkout's papermill_runs/ for a preset, papermill_runs/ beside the "
+                       "YAML for your own study)")
         p.add_argument("--train-dir", default=None, help="the folder of the fold_<k> runs, if "
                        "not <runs root>/<study>/train/<module>")
         p.add_argument("--fold", type=int, default=None, help="export one fold's network (default: "
@@ -230,7 +247,7 @@ def main(argv: list[str]) -> int:
         try:
             out = export_module(a.study, a.module, a.out, a.runs_root, a.train_dir, a.fold)
         except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
-            raise UsageError(str(exc).strip("'\"")) from None
+            raise UsageError(one_line(exc)) from None
         print(f"export: bundle written to {out}")
         return 0
 

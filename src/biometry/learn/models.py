@@ -35,13 +35,16 @@ to the channel count as follows (pretrained filters have 3 RGB input channels):
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
+from biometry import fileio
 from biometry.config.training import ARCHS, HEADS
 
 #: torchvision's IMAGENET1K_V1 files (the weights of ``pretrained=True`` used in 2020/21).
@@ -49,6 +52,15 @@ IMAGENET_FILES = {
     "resnet50": ("resnet50-0676ba61.pth", "ResNet50_Weights.IMAGENET1K_V1", "97.8 MB"),
     "resnet18": ("resnet18-f37072fd.pth", "ResNet18_Weights.IMAGENET1K_V1", "44.7 MB"),
 }
+
+
+def save_torch(target: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` atomically, with the same bytes for the same object: saved to a path,
+    torch names the archive's records after the file, here a random temporary name, so every
+    save of the same weights differed (and so did a bundle's checksums)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return fileio.write_bytes(target, buf.getvalue())
 
 
 def imagenet_checkpoint_path(arch: str) -> Path:

@@ -66,7 +66,7 @@ from biometry.learn.bundle import bundle_from_raw, predict
 from biometry.learn.devices import amp_dtype as autocast_dtype
 from biometry.learn.devices import auto_flag, resolve_device
 from biometry.learn.losses import compute_loss
-from biometry.learn.models import build_model, set_train_mode
+from biometry.learn.models import build_model, save_torch, set_train_mode
 
 
 @dataclass
@@ -193,8 +193,7 @@ def _checkpoint_path(out_dir: Path) -> Path:
 
 
 def _save_torch(obj: Any, target: Path) -> None:
-    with fileio.atomic_path(target) as tmp:
-        torch.save(obj, tmp)
+    save_torch(target, obj)
 
 
 def train(

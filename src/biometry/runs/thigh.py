@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from biometry import fileio
 from biometry.analysis import thigh as evaluation
@@ -33,6 +32,7 @@ from biometry.data.store import Store
 from biometry.data.tables import references_from_fields_csv
 from biometry.learn import transfer
 from biometry.learn.cv import load_targets
+from biometry.learn.models import save_torch
 from biometry.learn.splits import fold_indices
 from biometry.phantom import generate_cohort
 from biometry.runs.runner import RunSpec, execute_run
@@ -125,8 +125,7 @@ def backbone_weights(study: Study, data: ThighData, train_idx: np.ndarray, run_d
             input_size=study.training.input_size, iterations=int(s["pretrain_iterations"]),
             batch_size=int(s["pretrain_batch_size"]), slices_per_subject=int(s["pretrain_slices"]),
             lr=float(s["pretrain_lr"]), seed=study.training.seed + fold)
-        with fileio.atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        save_torch(path, state)
     return str(path)
 
 
