@@ -19,6 +19,7 @@ from biometry.config.paths import notebooks_dir
 from biometry.config.study import load_study
 from biometry.config.training import TrainConfig
 from biometry.data.store import Store
+from biometry.errors import one_line
 from biometry.inference import bundle as B
 from biometry.inference import engine
 from biometry.inference.engine import infer
@@ -214,20 +215,33 @@ def test_input_folder_with_nothing_usable(bundle_dir, tmp_path, capsys):
     assert f"{empty}: no subjects found" in err
 
 
+def _folds_on_grids(trained: Path, target: Path, grids) -> Path:
+    """A copy of the trained folds whose model.pt say on which grids their images were made."""
+    shutil.copytree(trained, target)
+    for k, grid in enumerate(grids):
+        raw = torch.load(target / f"fold_{k}" / "model.pt", weights_only=True)
+        raw["input_grid_mm"] = grid
+        torch.save(raw, target / f"fold_{k}" / "model.pt")
+    return target
+
+
 def test_export_records_the_training_grid_and_writes_the_same_bytes_twice(trained, tmp_path):
-    """A bundle says on which fused grid its networks were trained (the study's prepared store
-    records it), and two exports of the same runs are the same files: the weights' checksums do
-    not change from one export to the next."""
-    runs = tmp_path / "runs"
-    Store.create(runs / "demo" / "data" / "prepared", ["projection"]).check_grid((6.4, 6.4, 8.6))
-    a = export_module(load_study("demo"), "all", tmp_path / "a", folder=trained, runs_root=runs)
-    b = export_module(load_study("demo"), "all", tmp_path / "b", folder=trained, runs_root=runs)
+    """A bundle says on which fused grid its networks' images were made (each fold's model.pt
+    keeps its store's grid), and two exports of the same runs are the same files: the weights'
+    checksums do not change from one export to the next."""
+    folds = _folds_on_grids(trained, tmp_path / "all", [[6.4, 6.4, 8.6]] * 2)
+    a = export_module(load_study("demo"), "all", tmp_path / "a", folder=folds)
+    b = export_module(load_study("demo"), "all", tmp_path / "b", folder=folds)
     meta_a = json.loads((a / "bundle.json").read_text())
     assert meta_a["input"]["grid_mm"] == [6.4, 6.4, 8.6]
     assert meta_a["files"] == json.loads((b / "bundle.json").read_text())["files"]
     for rel in meta_a["files"]:
         assert (a / rel).read_bytes() == (b / rel).read_bytes()
     assert engine.bundle_grid(B.load_bundle(a)) == (6.4, 6.4, 8.6)
+    # folds from stores of different grids make no bundle
+    mixed = _folds_on_grids(trained, tmp_path / "mixed", [[6.4, 6.4, 8.6], [2.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match="different fused grids"):
+        export_module(load_study("demo"), "all", tmp_path / "c", folder=mixed)
 
 
 def test_the_engine_prepares_on_the_grid_the_bundle_was_trained_on(bundle_dir, tmp_path):
@@ -252,6 +266,12 @@ def test_the_engine_prepares_on_the_grid_the_bundle_was_trained_on(bundle_dir, t
                      f"5 x 5 x 7 mm; preparing on the bundle's"]
     grids, notes = engine.input_grids([with_grid], zips, [3, 3, 3])
     assert grids == [(3.0, 3.0, 3.0)] and "as --spacing says" in notes[0]
+    # the grid a note prints, given back, is the same grid: no note
+    assert engine.input_grids([with_grid], zips, [6.40000, 6.40000, 8.60000])[1] == []
+    # a cohort.json without a grid does not stop a bundle that knows its own, nor --spacing
+    (cohort / "cohort.json").write_text("{}")
+    assert engine.input_grids([with_grid], cohort, None)[0] == [(6.4, 6.4, 8.6)]
+    assert engine.input_grids([without], cohort, [3, 3, 3])[0] == [(3.0, 3.0, 3.0)]
     meta["input"]["grid_mm"] = [6.4, -1, 8.6]
     (d / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(B.BundleError, match="grid_mm must be three positive numbers"):
@@ -275,6 +295,7 @@ def test_input_errors_name_the_path_and_the_missing_key(bundle_dir, tmp_path, ca
     err = _one_line_error(capsys, ["infer", "--model", str(d), "--input", str(tmp_path),
                                    "--out", str(tmp_path / "p.csv")])
     assert err.endswith("bundle.json lacks 'input'")
+    assert one_line(KeyError("unknown format 'x'")) == "unknown format 'x'"  # no quotes added
     with pytest.raises(SystemExit):
         cli_main(["infer", "--help"])
     assert "calibrated 95 % intervals" in capsys.readouterr().out
@@ -315,8 +336,8 @@ def test_engine_end_to_end_with_a_corrupt_zip(bundle_dir, release, tmp_path, cap
     pd.testing.assert_frame_equal(res.predictions.reset_index(drop=True),
                                   pred.astype({"eid": object}), check_dtype=False)
     # a cached subject whose zip changed since is never predicted from its old images
-    changed = tmp_path / "changed"
-    shutil.copytree(release / "zip", changed)
+    changed = tmp_path / "changed" / "zip"  # the cohort copied whole: same grid, same cache
+    shutil.copytree(release, changed.parent)
     first = sorted(changed.glob("*.zip"))[0]
     first.write_bytes(first.read_bytes() + b"\0")
     capsys.readouterr()
@@ -327,6 +348,16 @@ def test_engine_end_to_end_with_a_corrupt_zip(bundle_dir, release, tmp_path, cap
     assert rc == 2 and len(err) == 1, err
     assert first.name.split("_")[0] in err[0] and "--cache" in err[0], err
     assert not (tmp_path / "changed.csv").exists()
+    # a bundle that knows its grid has the zips prepared on it, into a cache of that grid
+    d = _copy(bundle_dir, tmp_path)
+    meta = json.loads((d / "bundle.json").read_text())
+    meta["input"]["grid_mm"] = [12.0, 12.0, 15.0]
+    (d / "bundle.json").write_text(json.dumps(meta))
+    res = infer([d], release / "zip", tmp_path / "g" / "rel.csv", progress=False)
+    assert [p.name for p in (tmp_path / "g" / "cache").iterdir()] == ["projection-12x12x15"]
+    side = json.loads((tmp_path / "g" / "rel.json").read_text())
+    assert side["models"][0]["grid_mm"] == side["models"][0]["trained_grid_mm"] == [12, 12, 15]
+    assert len(res.predictions) == 2 and (tmp_path / "g" / "rel_failures.csv").is_file()
 
 
 @pytest.mark.slow

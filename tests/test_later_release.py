@@ -31,14 +31,15 @@ def test_generate_later_releases_chain(tmp_path):
     first = generate_cohort(tmp_path / "r1", 2, 5, scale=SCALE, progress=False)
     second = generate_cohort(tmp_path / "r2", 2, 5, scale=SCALE, progress=False,
                              later_release_of=first)
+    # the CLI without --scale takes the earlier release's (it had to be repeated)
     assert synth_main(["--out", str(tmp_path / "r3"), "--subjects", "1", "--seed", "5",
-                       "--scale", str(SCALE), "--no-progress",
-                       "--later-release-of", str(second)]) == 0
+                       "--no-progress", "--later-release-of", str(second)]) == 0
     eids = [set(pd.read_csv(tmp_path / r / "fields.csv", dtype={"eid": str})["eid"])
             for r in ("r1", "r2", "r3")]
     assert not eids[0] & eids[1] and not eids[2] & (eids[0] | eids[1])
     meta = json.loads((tmp_path / "r3" / "cohort.json").read_text())
     assert meta["release"] == 3 and set(meta["earlier_eids"]) == eids[0] | eids[1]
+    assert meta["scale"] == SCALE
     # same protocol: a different scale is refused with one line naming the earlier folder
     with pytest.raises(ValueError, match=r"r1: the earlier release has scale 0.2, this one 0.3"):
         generate_cohort(tmp_path / "bad", 1, 5, scale=0.3, progress=False, later_release_of=first)

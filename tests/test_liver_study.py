@@ -134,3 +134,15 @@ def test_table_and_figure_notebooks_draw_from_the_run(liver_run, tmp_path):
     table = pd.read_csv(tmp_path / "figs" / "table1_liver_fat.csv")
     assert table.equals(pd.read_csv(run_dir / "comparison.csv"))
     assert (tmp_path / "figs" / "fig02_liver_bland_altman.png").stat().st_size > 10_000
+
+
+def test_a_fold_keeps_the_grid_its_images_were_made_on(liver_run):
+    """What `biometry export` writes into a bundle, so that new subjects are prepared alike."""
+    import torch
+
+    from biometry.data.prepare import phantom_spacing
+
+    _study, cohort, run_dir, _metrics, _messages = liver_run
+    raw = torch.load(run_dir.parent / "train" / "22402" / "fold_0" / "model.pt",
+                     weights_only=True)
+    assert raw["input_grid_mm"] == list(phantom_spacing(cohort))

@@ -117,8 +117,17 @@ def test_a_store_keeps_the_grid_it_was_prepared_on(cohort, tmp_path, capsys):
     assert rc == 2 and "\n" not in err, err
     assert f"{out}: prepared on the fused grid 8 x 8 x 8 mm, not 8 x 8 x 10 mm" in err
     assert {f.name: f.read_bytes() for f in out.glob("*.*")} == before
-    # the same grid goes on as before
+    # the same grid goes on as before, and is the default on resume (like the formats)
     assert prep.prepare(cohort, out, progress=False, spacing=SPACING).n_done == 0
+    assert prep.prepare(cohort, out, progress=False).n_done == 0
+    # a grid as the messages print it (six digits) is the same grid
+    ukb = Store.create(tmp_path / "ukb", ["projection"])
+    ukb.check_grid((2.232142857, 2.232142857, 3.0))
+    Store.open(tmp_path / "ukb").check_grid((2.23214, 2.23214, 3))
+    # a phantom cohort's zip/ and nifti/ folders have its grid
+    (tmp_path / "ph" / "zip").mkdir(parents=True)
+    (tmp_path / "ph" / "cohort.json").write_text('{"fused_grid": {"spacing_mm": [7, 7, 10]}}')
+    assert prep.phantom_spacing(tmp_path / "ph" / "zip") == (7.0, 7.0, 10.0)
 
 
 def test_a_subject_whose_files_changed_is_never_reused(cohort, tmp_path, capsys):

@@ -284,8 +284,12 @@ def find_subjects(input_dir: str | Path) -> list[Subject]:
 
 
 def phantom_spacing(input_dir: str | Path) -> tuple[float, float, float] | None:
-    """The fused-grid spacing (mm) recorded in a phantom cohort's ``cohort.json``, else None."""
-    meta = Path(input_dir) / "cohort.json"
+    """The fused-grid spacing (mm) recorded in a phantom cohort's ``cohort.json``, for the
+    cohort's root or its ``zip/`` or ``nifti/`` folder (the same subjects), else None."""
+    input_dir = Path(input_dir)
+    meta = input_dir / "cohort.json"
+    if not meta.is_file() and input_dir.name in ("zip", "nifti"):
+        meta = input_dir.parent / "cohort.json"
     if not meta.is_file():
         return None
     try:
@@ -416,9 +420,11 @@ def prepare(input_dir: str | Path, out_dir: str | Path,
     chunk_size : subjects per task (and per store part).
     retry_failed : redo subjects whose earlier attempt failed.
     progress : show a tqdm progress bar (subjects).
-    spacing : fused grid spacing (mm); None: the phantom's fused grid when ``input_dir`` is a
-        phantom cohort (its ``cohort.json``), else :func:`biometry.data.volumes.load_subject`'s default
-        (the UKB grid), so that a coarse demo phantom is not upsampled.
+    spacing : fused grid spacing (mm); None: the grid the store records (its first
+        preparation's), else the phantom's fused grid when ``input_dir`` is a phantom cohort or its
+        ``zip/`` or ``nifti/`` folder (:func:`phantom_spacing`), else
+        :func:`biometry.data.volumes.load_subject`'s default (the UKB grid), so that a coarse demo
+        phantom is not upsampled. Another grid than the store's is refused (one line).
 
     Returns
     -------
@@ -431,8 +437,6 @@ def prepare(input_dir: str | Path, out_dir: str | Path,
         raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
     subjects = find_subjects(input_dir)
-    if spacing is None:
-        spacing = phantom_spacing(input_dir)
     if formats is None and (out_dir / "store.json").is_file():
         store = Store.open(out_dir)
         formats = list(store.formats)
@@ -442,6 +446,9 @@ def prepare(input_dir: str | Path, out_dir: str | Path,
         if unknown:
             raise ValueError(f"unknown format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
         store = Store.create(out_dir, formats, exist_ok=True)
+    if spacing is None:  # the store's own grid, like its formats; else a phantom's, else UKB's
+        spacing = store.grid_mm or phantom_spacing(input_dir)
+    store.check_grid(spacing if spacing is not None else UKB_SPACING)  # before any bar is drawn
     n_done, n_skipped = prepare_into(store, subjects, formats, spacing, workers, scheduler,
                                      chunk_size, retry_failed, _progress(len(subjects), progress))
     store.refresh()
@@ -542,7 +549,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="local Dask workers (1: in-process)")
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="fused grid spacing in mm (default: the UKB grid 2.232 2.232 3)")
+                   help="fused grid spacing in mm (default: the store's recorded grid; for a "
+                        "new store a phantom cohort's grid, else the UKB grid 2.23214 2.23214 3)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="subjects per task")
     p.add_argument("--retry-failed", action="store_true", help="redo subjects that failed before")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -145,8 +145,18 @@ def _read_npy_into(path: Path, target: np.ndarray, offset: int) -> None:
             done += n
 
 
-def _mm(grid: Sequence[float]) -> str:
-    return " x ".join(f"{v:g}" for v in grid) + " mm"
+#: relative tolerance within which two fused grids are the same (a grid printed by
+#: :func:`grid_text`, six significant digits, given back is the same grid)
+GRID_RTOL = 1e-5
+
+
+def same_grid(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and bool(np.allclose(a, b, rtol=GRID_RTOL, atol=0.0))
+
+
+def grid_text(grid: Sequence[float]) -> str:
+    """``"6.37755 x 6.37755 x 8.57143 mm"``: six significant digits, enough to give back."""
+    return " x ".join(f"{v:.6g}" for v in grid) + " mm"
 
 
 class Store:
@@ -169,20 +179,24 @@ class Store:
         self.refresh()
 
     def check_grid(self, grid_mm: Sequence[float]) -> None:
-        """Record the fused grid of an empty store, or refuse another grid than the recorded one
-        (one line naming the store and both grids): a store's images share one grid, since the
-        networks trained on them see millimetres as pixels. A store with subjects and no
-        record (made by an older version) is left as it is."""
+        """Record the fused grid of the store's images, or refuse another one than recorded (one
+        line naming the store and both grids): the grid sets the images' resolution and crops, so
+        one store holds one grid. While the store holds no images (new, or every attempt failed)
+        the grid is (re)recorded; a store with images and no record (made by an older version)
+        is left as it is. Grids within :data:`GRID_RTOL` are the same."""
         grid = tuple(float(v) for v in grid_mm)  # exact: the engine prepares on it again
-        if self.grid_mm is not None:
-            if not np.allclose(self.grid_mm, grid, rtol=1e-6, atol=1e-9):
-                raise ValueError(
-                    f"{self.path}: prepared on the fused grid {_mm(self.grid_mm)}, not "
-                    f"{_mm(grid)}; prepare into another store (or give the store's grid)")
+        meta = json.loads((self.path / "store.json").read_text())  # another process may have
+        self.refresh()                                              # written since we opened it
+        recorded = meta.get("grid_mm")
+        self.grid_mm = tuple(float(v) for v in recorded) if recorded else None
+        if self.grid_mm is not None and same_grid(self.grid_mm, grid):
             return
-        if len(self.subjects) or len(self.qc):
-            return
-        meta = json.loads((self.path / "store.json").read_text())
+        if len(self.subjects):
+            if self.grid_mm is None:
+                return
+            raise ValueError(
+                f"{self.path}: prepared on the fused grid {grid_text(self.grid_mm)}, not "
+                f"{grid_text(grid)}; prepare into another store (or give the store's grid)")
         write_json(self.path / "store.json", {**meta, "grid_mm": list(grid)})
         self.grid_mm = grid
 

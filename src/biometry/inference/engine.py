@@ -14,7 +14,8 @@ calibrated predictions with 95 % intervals.
 4. ``predictions.csv``: one row per subject, ``eid`` and for each field key F the columns
    ``F_mean``, ``F_var``, ``F_lo95``, ``F_hi95``; ``predictions.json``: fields, names, units, the
    models and their versions; ``failures.csv``: ``eid, source, stage, error`` of the subjects that
-   could not be prepared. All three are written atomically.
+   could not be prepared (for an output ``X.csv``: ``X.json``, ``X_failures.csv``). All three
+   are written atomically.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from biometry.data.prepare import (
     prepare_into,
     verify_sources,
 )
-from biometry.data.store import Store
+from biometry.data.store import Store, grid_text, same_grid
 from biometry.data.types import UKB_SPACING
 from biometry.errors import UsageError, one_line, run_guarded
 from biometry.inference.bundle import (
@@ -122,9 +123,9 @@ def find_inputs(inputs: Sequence[str | Path]) -> tuple[list[Subject], Path | Non
 
 
 def _grid_tag(spacing: tuple[float, float, float] | None) -> str:
-    if spacing is None or np.allclose(spacing, UKB_SPACING):
+    if spacing is None or same_grid(spacing, UKB_SPACING):
         return "ukb"
-    return "x".join(f"{s:.4g}" for s in spacing)
+    return "x".join(f"{s:.6g}" for s in spacing)
 
 
 def bundle_grid(bundle: Bundle) -> tuple[float, float, float] | None:
@@ -153,23 +154,27 @@ def input_grids(bundles: Sequence[Bundle], folder: Path | None,
     recorded grid is not the one used, or not the phantom root's.
     """
     given = tuple(float(s) for s in spacing) if spacing is not None else None
-    folder_grid = phantom_spacing(folder) if folder is not None else None
     grids, notes = [], []
     for b in bundles:
         own = bundle_grid(b)
-        grid = given or own or folder_grid or tuple(UKB_SPACING)
-        if own is not None and not np.allclose(own, grid):
-            notes.append(f"{b.path}: trained on the fused grid {_mm(own)}; preparing on "
-                         f"{_mm(grid)} as --spacing says")
-        elif own is not None and folder_grid is not None and not np.allclose(own, folder_grid):
-            notes.append(f"{b.path}: trained on the fused grid {_mm(own)}, the input cohort's "
-                         f"is {_mm(folder_grid)}; preparing on the bundle's")
+        if given is not None:
+            grid = given
+            if own is not None and not same_grid(own, given):
+                notes.append(f"{b.path}: trained on the fused grid {grid_text(own)}; preparing "
+                             f"on {grid_text(given)} as --spacing says")
+        elif own is not None:
+            grid = own
+            try:  # only for the note: a bad cohort.json does not stop a bundle that knows
+                folder_grid = phantom_spacing(folder) if folder is not None else None
+            except ValueError:
+                folder_grid = None
+            if folder_grid is not None and not same_grid(own, folder_grid):
+                notes.append(f"{b.path}: trained on the fused grid {grid_text(own)}, the input "
+                             f"cohort's is {grid_text(folder_grid)}; preparing on the bundle's")
+        else:
+            grid = (phantom_spacing(folder) if folder is not None else None) or tuple(UKB_SPACING)
         grids.append(grid)
     return grids, notes
-
-
-def _mm(grid: Sequence[float]) -> str:
-    return " x ".join(f"{v:g}" for v in grid) + " mm"
 
 
 def cache_store(cache: Path, fmt: str, spacing: tuple[float, float, float] | None) -> Path:

@@ -22,8 +22,8 @@ from biometry import __version__, fileio
 from biometry.analysis.stats import agreement
 from biometry.config import fields as field_catalogue
 from biometry.config.formats import FORMAT_SPECS
-from biometry.config.study import data_paths, default_runs_root, resolve_study
-from biometry.data.store import Store
+from biometry.config.study import default_runs_root, resolve_study
+from biometry.data.store import same_grid
 from biometry.errors import UsageError, one_line, run_guarded
 from biometry.inference import uncertainty as unc
 from biometry.inference.bundle import write_bundle
@@ -155,25 +155,14 @@ def _card(study, module: str, keys: list[str], metrics: dict, scales: dict, fold
     return "\n".join(lines)
 
 
-def training_grid(study, runs_root: str | Path | None = None, data_dir: str | Path | None = None
-                  ) -> tuple[float, float, float] | None:
-    """The fused grid (mm) the study's prepared store records, or None (no store, or one made
-    before stores recorded their grid)."""
-    try:
-        return Store.open(data_paths(study, data_dir, runs_root).prepared).grid_mm
-    except (FileNotFoundError, ValueError, OSError):
-        return None
-
-
 def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path | None = None,
-                  folder: str | Path | None = None, fold: int | None = None,
-                  data_dir: str | Path | None = None) -> Path:
+                  folder: str | Path | None = None, fold: int | None = None) -> Path:
     """Write the bundle of a trained module (all finished folds as an ensemble, or one ``fold``).
 
     The calibration factors are fitted on the pooled out-of-fold predictions of all folds, and
     per member on its own fold's out-of-fold predictions (what the engine applies to that
-    member). The input spec records the fused grid of the study's prepared store (``data_dir``:
-    the study's data folder if not its own), on which the engine prepares new subjects.
+    member). The input spec records the fused grid the folds' images were prepared on (kept in
+    each ``model.pt`` by the training), on which the engine prepares new subjects.
     """
     study = resolve_study(study)
     folder = Path(folder) if folder else train_dir(study, module, runs_root)
@@ -187,9 +176,10 @@ def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path
     table = oof_predictions(folder)
     scales = unc.fit_scales(table)
     own_scales = fold_scales(folder, scales)
-    members, n_train, first = [], [], None
+    members, n_train, first, grids = [], [], None, []
     for k, d in chosen.items():
         raw = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+        grids.append(raw.get("input_grid_mm"))  # None: trained before it was kept
         if raw.get("head") != "mean_variance":
             raise ValueError(f"{d}: head {raw.get('head')!r}; a bundle needs a mean_variance "
                              f"network (calibrated intervals)")
@@ -202,6 +192,10 @@ def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path
                           for f in raw["field_keys"]]))
         n_train.append(int(json.loads((d / "metrics.json").read_text()).get("n_train", 0)))
     keys = [str(k) for k in first["field_keys"]]
+    if any(g is None for g in grids) or any(not same_grid(g, grids[0]) for g in grids):
+        if len({None if g is None else tuple(g) for g in grids}) > 1:
+            raise ValueError(f"{folder}: the folds were trained on images of different fused "
+                             f"grids ({', '.join(map(str, grids))}); retrain them on one store")
     missing = [k for k in keys if k not in scales]
     if missing:
         raise ValueError(f"{folder}: no out-of-fold predictions for field(s) {', '.join(missing)}")
@@ -210,9 +204,8 @@ def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path
     shape, dtype = FORMAT_SPECS[study.format]
     input_spec = {"format": study.format, "shape": list(shape), "dtype": np.dtype(dtype).name,
                   "input_size": first.get("input_size"), "pixel_scale": 1 / 255}
-    grid = training_grid(study, runs_root, data_dir)
-    if grid is not None:  # the engine prepares new subjects on it
-        input_spec["grid_mm"] = list(grid)
+    if grids[0] is not None:  # the engine prepares new subjects on it
+        input_spec["grid_mm"] = grids[0]
     network = {"arch": first["arch"], "in_channels": int(first["in_channels"]),
                "head": first["head"]}
     return write_bundle(out_dir, name=f"{study.name}-{module}", network=network,

@@ -77,7 +77,7 @@ def train_fold(study, unit: str, fold: int, run_dir: str | Path, fields: list[st
         config = with_iterations(config, int(iterations))  # lr_steps scale with it
     images = store.load(study.format)  # into memory: training indexes it at random
     return train(config, images, targets, train_idx, val_idx, Path(run_dir), eids=eids,
-                 field_keys=keys, fold=fold, progress=progress)
+                 field_keys=keys, fold=fold, progress=progress, input_grid_mm=store.grid_mm)
 
 
 def train_final(study, unit: str, run_dir: str | Path, fields: list[str] | None = None,
@@ -99,7 +99,7 @@ def train_final(study, unit: str, run_dir: str | Path, fields: list[str] | None 
     images = store.load(study.format)
     run_dir = Path(run_dir)
     train(config, images, targets, np.flatnonzero(labelled), np.zeros(0, np.int64), run_dir,
-          eids=eids, field_keys=keys, fold=-1, progress=progress)
+          eids=eids, field_keys=keys, fold=-1, progress=progress, input_grid_mm=store.grid_mm)
     rows = np.flatnonzero(~labelled)
     pred = predict(load_model(run_dir), images[rows], device=config.device)
     if pred.ndim == 3:  # mean_variance: (N, T, 2)

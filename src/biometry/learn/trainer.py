@@ -211,6 +211,7 @@ def train(
     fold: int = 0,
     callback: Callable[[int, float, float], None] | None = None,
     keep_checkpoint: bool = False,
+    input_grid_mm: Sequence[float] | None = None,
 ) -> TrainResult:
     """Train one network on ``train_idx`` and predict ``val_idx`` (out-of-fold).
 
@@ -232,6 +233,8 @@ def train(
     fold : written into predictions.csv.
     callback : ``callback(iterations_done, loss, lr)`` after each iteration (after a checkpoint).
     keep_checkpoint : keep ``checkpoint.pt`` (with optimiser state) after training.
+    input_grid_mm : the fused grid (mm) the images were prepared on (their store's), kept in
+        ``model.pt`` so that an exported bundle prepares new subjects alike; None: unknown.
 
     Returns
     -------
@@ -372,6 +375,7 @@ def train(
         "config": cfg_dict, "train_hash": train_hash,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "lr_history": lr_hist, "loss_history": loss_hist,
+        "input_grid_mm": None if input_grid_mm is None else [float(v) for v in input_grid_mm],
     }
     _save_torch(bundle, out_dir / "model.pt")
 

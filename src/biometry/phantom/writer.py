@@ -402,8 +402,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="output folder (missing or empty)")
     ap.add_argument("--subjects", required=True, type=int, help="number of subjects")
     ap.add_argument("--seed", required=True, type=int, help="cohort seed")
-    ap.add_argument("--scale", type=float, default=1.0,
-                    help="resolution factor in (0.1, 2]; 1 = UKB grid (default 1)")
+    ap.add_argument("--scale", type=float, default=None,
+                    help="resolution factor in (0.1, 2]; 1 = UKB grid (default 1; for "
+                         "--later-release-of, the earlier release's)")
     ap.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace (or resume) a cohort in a non-empty output folder")
@@ -425,12 +426,22 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _earlier_scale(root: str) -> float:
+    try:
+        return float(json.loads((Path(root) / "cohort.json").read_text())["scale"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{root}: not a phantom cohort to follow (cohort.json: "
+                         f"{type(exc).__name__})") from None
+
+
 def _main(argv: list[str]) -> int:
     a = _parse(argv)
     if a.subjects < 1:
         raise UsageError(f"--subjects must be at least 1, got {a.subjects}")
     if a.seed < 0:
         raise UsageError(f"--seed must be non-negative, got {a.seed}")
+    if a.scale is None:  # a later release keeps its protocol: the earlier one's scale
+        a.scale = _earlier_scale(a.later_release_of) if a.later_release_of else 1.0
     if not (0.1 < a.scale <= 2.0) or not math.isfinite(a.scale):
         raise UsageError(f"--scale must be in (0.1, 2], got {a.scale}")
     if a.workers < 1:

@@ -68,8 +68,7 @@ def run_release(study, run_dir: str | Path, runs_root=None, data_dir=None, worke
     for unit in study.network_units():
         target = run_dir / "bundles" / unit
         shutil.rmtree(target, ignore_errors=True)  # re-exported from the current folds
-        bundles.append(load_bundle(export_module(study, unit, target, runs_root=runs_root,
-                                                  data_dir=data_dir)))
+        bundles.append(load_bundle(export_module(study, unit, target, runs_root=runs_root)))
     # the study's own cache (beside its splits, in its run folder), never one in a data folder
     # that other studies share: the stage may remove it (below)
     cache = Path(data_paths(study, data_dir, runs_root).splits).parent / "data" / "release_cache"
