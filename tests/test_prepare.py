@@ -208,6 +208,14 @@ def test_find_subjects_layouts(tmp_path):
         prep.find_subjects(tmp_path / "missing")
 
 
+def test_a_zip_not_named_as_ukb_names_them_is_said_to_be_skipped(tmp_path, capsys):
+    (tmp_path / "1234567_20201_2_0.zip").write_bytes(b"")
+    (tmp_path / "1234568.zip").write_bytes(b"")
+    assert [s.eid for s in prep.find_subjects(tmp_path)] == ["1234567"]
+    err = capsys.readouterr().err
+    assert "1 zip file(s) skipped, not named <eid>_20201_<instance>_0.zip: 1234568.zip" in err
+
+
 def test_cli_usage_errors(tmp_path, capsys):
     assert prep.main(["--input", str(tmp_path), "--out", str(tmp_path / "o"), "--formats",
                       "nope"]) == 2

@@ -260,9 +260,11 @@ def find_subjects(input_dir: str | Path) -> list[Subject]:
     elif (root / "zip").is_dir():
         root = root / "zip"
     subjects: list[Subject] = []
+    odd = []
     for zp in sorted(root.glob("*.zip")):
         m = _ZIP_RE.match(zp.name)
         if not m:
+            odd.append(zp.name)
             continue
         eid, instance = m.group(1), int(m.group(2))
         key = eid if instance == 2 else f"{eid}-{instance}"
@@ -272,6 +274,10 @@ def find_subjects(input_dir: str | Path) -> list[Subject]:
             subjects.append(Subject(d.name, str(d), "nifti"))
         elif nifti_files(d):
             subjects.append(Subject(d.name, str(d), "converter"))
+    if odd:  # said, not silently dropped: a renamed download is a subject too
+        print(f"note: {root}: {len(odd)} zip file(s) skipped, not named "
+              f"<eid>_20201_<instance>_0.zip: {', '.join(odd[:5])}"
+              + (" ..." if len(odd) > 5 else ""), file=sys.stderr)
     if not subjects:
         raise ValueError(f"{input_dir}: no subjects found (expected nifti/<eid>/ folders, "
                          f"<eid>/station_*.nii.gz folders, <eid>/ folders of converter output "
