@@ -237,7 +237,7 @@ def test_export_records_the_training_grid_and_writes_the_same_bytes_twice(traine
     assert meta_a["files"] == json.loads((b / "bundle.json").read_text())["files"]
     for rel in meta_a["files"]:
         assert (a / rel).read_bytes() == (b / rel).read_bytes()
-    assert engine.bundle_grid(B.load_bundle(a)) == (6.4, 6.4, 8.6)
+    assert B.load_bundle(a).grid_mm == (6.4, 6.4, 8.6)
     # folds from stores of different grids make no bundle
     mixed = _folds_on_grids(trained, tmp_path / "mixed", [[6.4, 6.4, 8.6], [2.0, 2.0, 3.0]])
     with pytest.raises(ValueError, match="different fused grids"):

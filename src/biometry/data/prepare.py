@@ -454,7 +454,6 @@ def prepare(input_dir: str | Path, out_dir: str | Path,
         store = Store.create(out_dir, formats, exist_ok=True)
     if spacing is None:  # the store's own grid, like its formats; else a phantom's, else UKB's
         spacing = store.grid_mm or phantom_spacing(input_dir)
-    store.check_grid(spacing if spacing is not None else UKB_SPACING)  # before any bar is drawn
     n_done, n_skipped = prepare_into(store, subjects, formats, spacing, workers, scheduler,
                                      chunk_size, retry_failed, _progress(len(subjects), progress))
     store.refresh()
@@ -492,7 +491,7 @@ def prepare_into(store: Store, subjects: Sequence[Subject], formats: Sequence[st
     chunks = _chunks(todo, chunk_size)
     parts = store.next_parts(len(chunks))
     bar = bar if bar is not None else _progress(0, False)
-    bar.reset(total=len(todo))
+    bar.total = len(todo)  # not reset(): it draws the bar at once, delay or not
     n_done = 0
     try:
         if scheduler is None and (workers == 1 or len(chunks) <= 1):
@@ -510,8 +509,9 @@ def prepare_into(store: Store, subjects: Sequence[Subject], formats: Sequence[st
 
 
 def _progress(total: int, enabled: bool, desc: str = "prepare"):
+    # shown after a second: none for a run with nothing to do, or refused at once
     return tqdm(total=total, unit="subject", desc=desc, disable=not enabled or total == 0,
-                file=sys.stderr)
+                delay=1, file=sys.stderr)
 
 
 def _run_dask(chunks, parts, store_path, formats, spacing, workers, scheduler, store, bar) -> int:

@@ -150,8 +150,17 @@ def _read_npy_into(path: Path, target: np.ndarray, offset: int) -> None:
 GRID_RTOL = 1e-5
 
 
-def same_grid(a: Sequence[float], b: Sequence[float]) -> bool:
+def same_grid(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
+    """Whether two grids are the same within :data:`GRID_RTOL` (two unknown grids are too)."""
+    if a is None or b is None:
+        return a is None and b is None
     return len(a) == len(b) and bool(np.allclose(a, b, rtol=GRID_RTOL, atol=0.0))
+
+
+def recorded_grid(meta: dict) -> tuple[float, ...] | None:
+    """The ``grid_mm`` of a ``store.json`` or a bundle's input spec, or None when absent."""
+    grid = meta.get("grid_mm")
+    return tuple(float(v) for v in grid) if grid else None
 
 
 def grid_text(grid: Sequence[float]) -> str:
@@ -172,10 +181,8 @@ class Store:
             name: FormatSpec(tuple(spec["shape"]), spec["dtype"])
             for name, spec in meta["formats"].items()
         }
-        grid = meta.get("grid_mm")
-        #: the fused grid (mm) the subjects were prepared on; None: not recorded (older store)
-        self.grid_mm: tuple[float, float, float] | None = (
-            tuple(float(v) for v in grid) if grid else None)
+        #: the fused grid (mm) the images were prepared on; None: not recorded (older store)
+        self.grid_mm = recorded_grid(meta)
         self.refresh()
 
     def check_grid(self, grid_mm: Sequence[float]) -> None:
@@ -187,8 +194,7 @@ class Store:
         grid = tuple(float(v) for v in grid_mm)  # exact: the engine prepares on it again
         meta = json.loads((self.path / "store.json").read_text())  # another process may have
         self.refresh()                                              # written since we opened it
-        recorded = meta.get("grid_mm")
-        self.grid_mm = tuple(float(v) for v in recorded) if recorded else None
+        self.grid_mm = recorded_grid(meta)
         if self.grid_mm is not None and same_grid(self.grid_mm, grid):
             return
         if len(self.subjects):

@@ -47,6 +47,7 @@ from torch import nn
 from biometry import __version__, fileio
 from biometry.config import fields as field_catalogue
 from biometry.config.formats import FORMAT_SPECS
+from biometry.data.store import recorded_grid
 from biometry.inference.uncertainty import DEFAULT_ENSEMBLE_RULE, ENSEMBLE_RULES, ensemble
 from biometry.learn.devices import resolve_device
 from biometry.learn.models import build_model, save_torch
@@ -91,6 +92,8 @@ class Bundle:
     input_size : the (H, W) the images are resized to, or None.
     pixel_scale : uint8 values are multiplied by it (1/255 for ours, 1 for the original).
     original : whether this is an original MIMIR module.
+    grid_mm : the fused grid (mm) the training images were made on (``input.grid_mm``), on
+        which new subjects are prepared; None: not recorded (older bundles, original modules).
     ensemble_rule : how several members are combined (``bundle.json``'s ``ensemble.rule``;
         :func:`biometry.inference.uncertainty.ensemble`).
     """
@@ -109,6 +112,7 @@ class Bundle:
     pixel_scale: float
     original: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    grid_mm: tuple[float, ...] | None = None
     ensemble_rule: str = DEFAULT_ENSEMBLE_RULE
 
 
@@ -234,13 +238,28 @@ def _load_biometry(root: Path) -> Bundle:
             divisors=np.asarray([float(f.get("divisor", 1.0)) for f in fields]),
             calibration=calibration, input_format=str(inp["format"]),
             input_size=tuple(int(s) for s in size) if size else None,
-            pixel_scale=float(inp.get("pixel_scale", 1 / 255)),
+            pixel_scale=float(inp.get("pixel_scale", 1 / 255)), grid_mm=_input_grid(root, inp),
             # bundles written before the rule was recorded: their members are calibrated too
             ensemble_rule=str((meta.get("ensemble") or {}).get("rule", DEFAULT_ENSEMBLE_RULE)))
     except KeyError as exc:
         raise BundleError(f"{root}: {BUNDLE_JSON} lacks {exc.args[0]!r}") from None
     _check_shapes(bundle)
     return bundle
+
+
+def _input_grid(root: Path, inp: dict[str, Any]) -> tuple[float, ...] | None:
+    """The input spec's ``grid_mm``, checked: three positive numbers (mm), or absent."""
+    grid = inp.get("grid_mm")
+    try:
+        parsed = recorded_grid(inp)
+        ok = parsed is None or (len(parsed) == 3 and all(np.isfinite(parsed))
+                                and min(parsed) > 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise BundleError(f"{root}: input grid_mm must be three positive numbers (mm), "
+                          f"got {grid!r}")
+    return parsed
 
 
 def _check_shapes(b: Bundle) -> None:
@@ -263,15 +282,6 @@ def _check_shapes(b: Bundle) -> None:
                           f"knows {', '.join(ENSEMBLE_RULES)})")
     if b.input_format not in FORMAT_SPECS:
         raise BundleError(f"{b.path}: unknown input format {b.input_format!r}")
-    grid = (b.meta.get("input") or {}).get("grid_mm")
-    if grid is not None:
-        try:
-            ok = len(grid) == 3 and all(np.isfinite(float(v)) and float(v) > 0 for v in grid)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise BundleError(f"{b.path}: input grid_mm must be three positive numbers (mm), "
-                              f"got {grid!r}")
 
 
 def _read_table(root: Path, name: str) -> pd.DataFrame:

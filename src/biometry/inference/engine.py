@@ -128,13 +128,6 @@ def _grid_tag(spacing: tuple[float, float, float] | None) -> str:
     return "x".join(f"{s:.6g}" for s in spacing)
 
 
-def bundle_grid(bundle: Bundle) -> tuple[float, float, float] | None:
-    """The fused grid (mm) a bundle's networks were trained on (``input.grid_mm``, recorded by
-    ``biometry export`` since the prepared stores record theirs), or None if not recorded."""
-    grid = (bundle.meta.get("input") or {}).get("grid_mm")
-    return tuple(float(v) for v in grid) if grid else None
-
-
 def failures_path(out: str | Path) -> Path:
     """Where the failures of the predictions ``out`` go: ``failures.csv`` beside
     ``predictions.csv``, ``<name>_failures.csv`` beside any other ``<name>.csv`` (two outputs
@@ -154,9 +147,13 @@ def input_grids(bundles: Sequence[Bundle], folder: Path | None,
     recorded grid is not the one used, or not the phantom root's.
     """
     given = tuple(float(s) for s in spacing) if spacing is not None else None
+    try:  # read once; a bad cohort.json stops only a bundle that needs the cohort's grid
+        folder_grid, bad = (phantom_spacing(folder) if folder is not None else None), None
+    except ValueError as exc:
+        folder_grid, bad = None, exc
     grids, notes = [], []
     for b in bundles:
-        own = bundle_grid(b)
+        own = b.grid_mm
         if given is not None:
             grid = given
             if own is not None and not same_grid(own, given):
@@ -164,15 +161,13 @@ def input_grids(bundles: Sequence[Bundle], folder: Path | None,
                              f"on {grid_text(given)} as --spacing says")
         elif own is not None:
             grid = own
-            try:  # only for the note: a bad cohort.json does not stop a bundle that knows
-                folder_grid = phantom_spacing(folder) if folder is not None else None
-            except ValueError:
-                folder_grid = None
             if folder_grid is not None and not same_grid(own, folder_grid):
                 notes.append(f"{b.path}: trained on the fused grid {grid_text(own)}, the input "
                              f"cohort's is {grid_text(folder_grid)}; preparing on the bundle's")
         else:
-            grid = (phantom_spacing(folder) if folder is not None else None) or tuple(UKB_SPACING)
+            if bad is not None:
+                raise bad
+            grid = folder_grid or tuple(UKB_SPACING)
         grids.append(grid)
     return grids, notes
 
@@ -333,7 +328,7 @@ def infer(models: Sequence[str | Path | Bundle], inputs: Sequence[str | Path] | 
                     "package_version": b.meta.get("package_version"),
                     "input_format": b.input_format, "members": len(b.members),
                     "ensemble_rule": ensemble_rule or b.ensemble_rule,
-                    "grid_mm": list(g), "trained_grid_mm": list(bundle_grid(b) or []) or None}
+                    "grid_mm": list(g), "trained_grid_mm": b.grid_mm}
                    for b, g in zip(bundles, grids, strict=True)],
         "workers": workers,
         "grid_mm": list(grids[0]),

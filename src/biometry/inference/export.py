@@ -192,10 +192,9 @@ def export_module(study, module: str, out_dir: str | Path, runs_root: str | Path
                           for f in raw["field_keys"]]))
         n_train.append(int(json.loads((d / "metrics.json").read_text()).get("n_train", 0)))
     keys = [str(k) for k in first["field_keys"]]
-    if any(g is None for g in grids) or any(not same_grid(g, grids[0]) for g in grids):
-        if len({None if g is None else tuple(g) for g in grids}) > 1:
-            raise ValueError(f"{folder}: the folds were trained on images of different fused "
-                             f"grids ({', '.join(map(str, grids))}); retrain them on one store")
+    if not all(same_grid(g, grids[0]) for g in grids):
+        raise ValueError(f"{folder}: the folds were trained on images of different fused "
+                         f"grids ({', '.join(map(str, grids))}); retrain them on one store")
     missing = [k for k in keys if k not in scales]
     if missing:
         raise ValueError(f"{folder}: no out-of-fold predictions for field(s) {', '.join(missing)}")

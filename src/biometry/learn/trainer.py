@@ -192,10 +192,6 @@ def _checkpoint_path(out_dir: Path) -> Path:
     return out_dir / "checkpoint.pt"
 
 
-def _save_torch(obj: Any, target: Path) -> None:
-    save_torch(target, obj)
-
-
 def train(
     config: TrainConfig,
     images,
@@ -351,7 +347,7 @@ def train(
         if progress and it % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(loss_hist[-50:]):.4f}", lr=f"{lr_now:.1e}")
         if config.checkpoint_every and it % config.checkpoint_every == 0 and it < n_iter:
-            _save_torch({
+            save_torch(ckpt_path, {
                 "config": cfg_dict, "train_hash": train_hash, "iteration": it,
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
@@ -359,7 +355,7 @@ def train(
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "lr_history": lr_hist, "loss_history": loss_hist, "data_seconds": data_s,
                 "train_seconds": elapsed_before + time.perf_counter() - t_loop,
-            }, ckpt_path)
+            })
         if callback is not None:
             callback(it, loss_value, lr_now)
         t_fetch = time.perf_counter()
@@ -377,7 +373,7 @@ def train(
         "lr_history": lr_hist, "loss_history": loss_hist,
         "input_grid_mm": None if input_grid_mm is None else [float(v) for v in input_grid_mm],
     }
-    _save_torch(bundle, out_dir / "model.pt")
+    save_torch(out_dir / "model.pt", bundle)
 
     loaded = bundle_from_raw(bundle, model)
     preds = predict(loaded, images[val_idx] if len(val_idx) else images[:0], device=str(device))
